@@ -1,0 +1,177 @@
+"""The `bench` command line. The only place that turns a BenchError into one stderr line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from bench import __version__
+from bench.console import print_json, print_table
+from bench.errors import BenchError
+
+try:  # typer >= 0.2x vendors click; older ones use the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="deq-bench: honest white-box robustness evaluation of Deep Equilibrium Models and baselines.",
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print the deq-bench, torch and torchvision versions."""
+    import torch
+    import torchvision
+
+    print(f"deq-bench {__version__} (torch {torch.__version__}, torchvision {torchvision.__version__})")
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list for programs.")] = False,
+) -> None:
+    """List the model registry: family, data set, parameters, threat model, eps, checkpoint status."""
+    from bench.registry import checkpoint_status, registry
+
+    rows = []
+    for entry in registry().values():
+        rows.append(
+            {
+                "name": entry.name,
+                "family": entry.family,
+                "architecture": entry.architecture,
+                "dataset": entry.dataset,
+                "parameters": entry.parameters,
+                "threat_model": entry.threat_model,
+                "eps": entry.eps,
+                "checkpoint": checkpoint_status(entry),
+                "expected_clean_acc": entry.expected_clean_acc,
+            }
+        )
+    if as_json:
+        print_json(rows)
+        return
+    columns = ["name", "family", "dataset", "parameters", "threat", "eps", "checkpoint", "clean %"]
+    table_rows = [
+        [
+            r["name"],
+            r["family"],
+            r["dataset"],
+            f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] >= 1e6 else f"{r['parameters'] / 1e3:.1f}k",
+            r["threat_model"],
+            r["eps"],
+            r["checkpoint"],
+            "" if r["expected_clean_acc"] is None else f"{r['expected_clean_acc']:.2f}",
+        ]
+        for r in rows
+    ]
+    print_table("deq-bench model registry", columns, table_rows)
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `bench models`).")],
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Weights file overriding the registered one.")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Data set (default: the model's).")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Where the data set's files are.")] = None,
+    download: Annotated[
+        bool, typer.Option(help="Download the data set if missing (needs internet).")
+    ] = False,
+    n_examples: Annotated[int, typer.Option(help="Evaluate the first N test examples.")] = 100,
+    eps: Annotated[
+        str | None, typer.Option(help="L-inf budget, e.g. 8/255 or 0.1 (default per data set).")
+    ] = None,
+    suite: Annotated[str, typer.Option(help="quick | ready-made | white-box | full")] = "quick",
+    attacks: Annotated[
+        str | None, typer.Option(help="Comma-separated attack specs (replaces the suite's).")
+    ] = None,
+    grads: Annotated[
+        str | None, typer.Option(help="Comma-separated estimator specs (skips the sweep).")
+    ] = None,
+    readouts: Annotated[str | None, typer.Option(help="Comma-separated readouts (default: final).")] = None,
+    defense: Annotated[str, typer.Option(help="Inference-time defense: none.")] = "none",
+    batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 50,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="Base seed of every attack's randomness.")] = 0,
+    results_dir: Annotated[str, typer.Option(help="Where run records go.")] = "results",
+    n_dev: Annotated[int | None, typer.Option(help="Development examples for the estimator sweep.")] = None,
+    force: Annotated[bool, typer.Option(help="Recompute even if an identical finished run exists.")] = False,
+    save_adversarial: Annotated[
+        bool, typer.Option(help="Store the worst-case adversarial examples (RobustBench format).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or tables; print the record path.")] = False,
+) -> None:
+    """Attack a model with the white-box suite and record per-example results."""
+    from bench.evaluate import EvalConfig
+    from bench.evaluate import evaluate as run_evaluation
+    from bench.report import print_summary
+
+    cfg = EvalConfig(
+        model=model,
+        checkpoint=checkpoint,
+        dataset=dataset,
+        data_dir=data_dir,
+        download=download,
+        n_examples=n_examples,
+        eps=eps,
+        suite=suite,
+        attacks=_split(attacks),
+        grads=_split(grads),
+        readouts=_split(readouts),
+        defense=defense,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        results_dir=results_dir,
+        n_dev=n_dev,
+        force=force,
+        save_adversarial=save_adversarial,
+        quiet=quiet,
+    )
+    document, path, reused = run_evaluation(cfg)
+    if quiet:
+        print(path)
+        return
+    print_summary(document, path, reused)
+
+
+def _fail(message: str) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"error: {first_line}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    """Entry point of the console script: BenchError and usage errors -> one line, exit 2."""
+    try:
+        app(standalone_mode=False)
+    except BenchError as exc:
+        _fail(str(exc))
+    except click_exceptions.NoArgsIsHelpError as exc:
+        # a bare `bench` shows the help, as `bench --help` does; that is not an error
+        print(exc.ctx.get_help() if exc.ctx is not None else "")
+        sys.exit(0)
+    except click_exceptions.ClickException as exc:
+        _fail(exc.format_message())
+    except (typer.Abort, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `bench models | head`: the reader left, nothing to report
+        sys.stderr.close()
+        sys.exit(0)
