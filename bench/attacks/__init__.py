@@ -1,0 +1,144 @@
+"""The interface every attack shares: `Attack`, `AttackResult` and small helpers.
+
+Attacks never know about DEQs. They see an `nn.Module` mapping x in [0,1] (B,C,H,W) to logits; for a DEQ
+that module is an `AttackView`, whose forward value is the deployed prediction, so "broken" decided from
+its forward output is truthful. The submodules are:
+
+* `bench.attacks.pgd`: L-inf PGD written here (per-example seeding, early stop on the active subset);
+* `bench.attacks.autoattack`: APGD-CE/-DLR, APGD-T, FAB-T and Square from pyautoattack's classes;
+* `bench.attacks.specs`: spec strings (`pgd:20:dlr`, `apgd-t:20:3`, `square:500`) -> attacks;
+* `bench.attacks.orchestrator`: `run_attacks`, the AutoAttack-style suite with a verified record.
+
+This module imports none of them, so they can all import it without cycles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class AttackResult:
+    """What one attack did to a batch, one entry per example.
+
+    Returned by `Attack.perturb` (then `broken` is what the attack claims) and, per suite member, by
+    `run_attacks` (then `broken` is re-decided by one forward of the model on the clipped `x_adv`).
+    """
+
+    # (B, ...) the adversarial example: a misclassified iterate where broken (PGD: the first); elsewhere the
+    # last iterate (PGD) or the clean input (pyautoattack's attacks, and examples that were not attacked)
+    x_adv: Tensor
+    broken: Tensor  # (B,) bool: the model misclassifies x_adv
+    attacked: Tensor  # (B,) bool: the attack ran on this example
+    linf: Tensor  # (B,) float: ||x_adv - x||_inf
+    seconds: float  # wall time of the attack itself
+    warnings: list[str] = field(default_factory=list)
+    forwards: int = 0  # example-forwards: rows that went through the model
+    backwards: int = 0  # example-backwards: rows whose logits received a gradient
+
+
+class Attack(ABC):
+    """An L-inf attack with a fixed budget `eps`; `name` is unique within a suite and names it in records."""
+
+    eps: float
+    family: str  # 'pgd', 'apgd-ce', 'apgd-dlr', 'apgd-t', 'fab-t', 'square'
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The canonical spec string, e.g. 'pgd', 'pgd:20:dlr', 'apgd-t:20:3'."""
+
+    @abstractmethod
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, seeds: Tensor) -> AttackResult:
+        """Attack every row of x (labels y, per-example int64 seeds) and return one result row per example."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, eps={self.eps:.6g})"
+
+
+class CallCounter(nn.Module):
+    """Wraps a model to count example-forwards and example-backwards, the cost measure of an attack."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forwards = 0
+        self.backwards = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        self.forwards += int(x.shape[0])
+        if out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+    def _count_backward(self, g: Tensor) -> None:
+        self.backwards += int(g.shape[0])
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed mixed from integers; stable across runs, platforms and Python hash seeds."""
+    data = b"".join(int(v).to_bytes(16, "little", signed=True) for v in values)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def batch_seed(seeds: Tensor) -> int:
+    """One 31-bit seed, from the rows' seeds, for attacks that draw randomness per batch (pyautoattack's)."""
+    return derive_seed(len(seeds), *seeds.reshape(-1).tolist()) & 0x7FFFFFFF
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Stop parameters from requiring grad while attacking: only input gradients are needed, and attacks
+    that call `.backward()` (FAB) would otherwise compute and accumulate parameter gradients."""
+    flipped = [p for p in model.parameters() if p.requires_grad]
+    for p in flipped:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in flipped:
+            p.requires_grad_(True)
+
+
+@contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Restore the global CPU (and this CUDA device's) RNG afterwards: pyautoattack reseeds it globally."""
+    devices: list[int] = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall times measure the attack, not the launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def linf_distance(x_adv: Tensor, x: Tensor) -> Tensor:
+    """(B,) L-inf norm of the perturbation."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float32, device=x.device)
+    return (x_adv - x).flatten(1).abs().amax(1).float()
+
+
+__all__ = [
+    "Attack",
+    "AttackResult",
+    "CallCounter",
+    "batch_seed",
+    "derive_seed",
+    "frozen_parameters",
+    "linf_distance",
+    "preserved_rng",
+    "synchronize",
+]

@@ -1,0 +1,170 @@
+"""Run a suite of attacks on one batch and keep a per-example record that does not trust the attacks.
+
+Sequential mode (AutoAttack's semantics, the default): each attack runs only on the examples that are
+classified correctly and still unbroken after the attacks before it, so robust accuracy after the last
+attack is the per-example worst case. Independent mode: every attack runs on every clean-correct example,
+which gives each attack's own robust accuracy (for per-attack columns and the 'All' intersection).
+
+Whatever an attack returns, the record is decided here: x_adv must lie in the eps-ball and [0,1] (within
+1e-6, then clipped exactly), and "broken" is one final forward of the model on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from bench.attacks import Attack, AttackResult, frozen_parameters, linf_distance
+from bench.attacks.autoattack import model_check_warnings, square_check_warnings
+from bench.errors import BenchError
+
+TOLERANCE = 1e-6  # floating slack allowed outside the eps-ball and [0,1] before clipping
+
+
+@dataclass
+class SuiteResult:
+    """The record of one batch: the clean decision, one verified `AttackResult` per attack, and warnings."""
+
+    clean_correct: Tensor  # (B,) bool
+    results: dict[str, AttackResult]  # in the order the attacks ran
+    warnings: list[str]  # AutoAttack's model-level checks and the Square check
+    independent: bool
+
+    def robust(self) -> Tensor:
+        """(B,) bool: clean-correct and broken by no attack (the 'All' / worst case)."""
+        robust = self.clean_correct.clone()
+        for result in self.results.values():
+            robust &= ~result.broken
+        return robust
+
+    def accuracies(self) -> dict[str, float]:
+        """{'clean': ..., <attack>: ..., 'all': ...} as fractions of the batch.
+
+        Independent mode: each attack's own robust accuracy. Sequential mode: the cumulative robust
+        accuracy after each attack (what AutoAttack logs).
+        """
+        n = max(int(self.clean_correct.numel()), 1)
+        out = {"clean": self.clean_correct.sum().item() / n}
+        cumulative = self.clean_correct.clone()
+        for name, result in self.results.items():
+            cumulative &= ~result.broken
+            own = cumulative if not self.independent else self.clean_correct & ~result.broken
+            out[name] = own.sum().item() / n
+        out["all"] = self.robust().sum().item() / n
+        return out
+
+
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def project_checked(x: Tensor, x_adv: Tensor, eps: float, attack: str) -> Tensor:
+    """x_adv clipped exactly into the eps-ball around x and [0,1]; a violation beyond TOLERANCE (or a
+    non-finite value) is a bug in the attack and raises."""
+    if x_adv.shape != x.shape:
+        raise RuntimeError(f"{attack} returned x_adv of shape {tuple(x_adv.shape)} for x of {tuple(x.shape)}")
+    if not torch.isfinite(x_adv).all():
+        raise RuntimeError(f"{attack} returned non-finite adversarial examples")
+    if x.numel():
+        over_ball = ((x_adv - x).abs() - eps).max().item()
+        over_box = torch.maximum(-x_adv, x_adv - 1).max().item()
+        if over_ball > TOLERANCE or over_box > TOLERANCE:
+            raise RuntimeError(
+                f"{attack} left the threat model: {over_ball:.3g} outside the eps-ball, "
+                f"{over_box:.3g} outside [0,1]"
+            )
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+
+
+def _run_one(
+    model: nn.Module, attack: Attack, x: Tensor, y: Tensor, seeds: Tensor, todo: Tensor
+) -> AttackResult:
+    """Run `attack` on the rows in `todo`, verify its output, and scatter it into a full-batch record."""
+    record = AttackResult(
+        x_adv=x.clone(),
+        broken=torch.zeros_like(todo),
+        attacked=todo.clone(),
+        linf=torch.zeros(x.shape[0], dtype=torch.float32, device=x.device),
+        seconds=0.0,
+    )
+    idx = todo.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return record
+    xs, ys = x[idx], y[idx]
+    res = attack.perturb(model, xs, ys, seeds[idx.cpu()])
+    record.seconds = res.seconds
+    x_adv = project_checked(xs, res.x_adv.to(xs.dtype), attack.eps, attack.name)
+    broken = _predict(model, x_adv) != ys
+    claimed = res.broken.to(broken.device)
+    record.warnings = list(res.warnings)
+    if (n := int((claimed & ~broken).sum())) > 0:
+        record.warnings.append(
+            f"{attack.name}: {n} example(s) the attack reported broken are classified correctly on re-check"
+        )
+    if (n := int((broken & ~claimed).sum())) > 0:
+        record.warnings.append(
+            f"{attack.name}: {n} example(s) the attack reported robust are misclassified on re-check"
+        )
+    record.x_adv[idx] = x_adv
+    record.broken[idx] = broken
+    record.linf[idx] = linf_distance(x_adv, xs)
+    record.forwards, record.backwards = res.forwards, res.backwards
+    return record
+
+
+def _square_warnings(suite: SuiteResult, attacks: Sequence[Attack]) -> list[str]:
+    """AutoAttack's 'Square beat the white-box attacks' check, fed with this suite's accuracies."""
+    accs = suite.accuracies()
+    squares = [accs[a.name] for a in attacks if a.family == "square"]
+    others = {a.name: accs[a.name] for a in attacks if a.family != "square"}
+    if not squares or not others:
+        return []
+    return square_check_warnings({"clean": accs["clean"], **others, "square": min(squares)})
+
+
+def run_attacks(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: Sequence[Attack],
+    seeds: Tensor,
+    clean_correct: Tensor | None = None,
+    *,
+    independent: bool = False,
+    checks: bool = True,
+    check_rows: int = 64,
+) -> SuiteResult:
+    """Attack one batch with every attack in order and return the verified per-example record.
+
+    model: x in [0,1] (B,C,H,W) -> logits; its mode (eval) is the caller's. seeds: (B,) int64, one per
+    example. clean_correct: (B,) bool, computed with one forward when None; misclassified examples are
+    never attacked. checks: run AutoAttack's model checks on the first `check_rows` examples.
+    """
+    names = [a.name for a in attacks]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise BenchError(f"attack(s) listed twice in one suite: {', '.join(dupes)}")
+    x = x.detach()
+    y = y.detach().to(x.device)
+    seeds = seeds.detach().to("cpu", torch.int64)
+    if not (x.shape[0] == y.shape[0] == seeds.shape[0]):
+        raise ValueError(f"batch sizes differ: x {x.shape[0]}, y {y.shape[0]}, seeds {seeds.shape[0]}")
+    with frozen_parameters(model):
+        if clean_correct is None:
+            clean_correct = _predict(model, x) == y
+        clean_correct = clean_correct.to(device=x.device, dtype=torch.bool)
+        warnings = model_check_warnings(model, x[:check_rows], y[:check_rows]) if checks and len(x) else []
+        broken_any = torch.zeros_like(clean_correct)
+        results: dict[str, AttackResult] = {}
+        for attack in attacks:
+            todo = clean_correct if independent else clean_correct & ~broken_any
+            results[attack.name] = _run_one(model, attack, x, y, seeds, todo)
+            broken_any |= results[attack.name].broken
+    suite = SuiteResult(
+        clean_correct=clean_correct, results=results, warnings=warnings, independent=independent
+    )
+    suite.warnings += _square_warnings(suite, attacks)
+    return suite
