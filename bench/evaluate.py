@@ -1,0 +1,601 @@
+"""`bench evaluate`: the white-box attack suite through DEQ states, per-example records, worst case, resume.
+
+Flow per run: load model and data -> expand the suite into a Plan -> (white-box) pick estimators with a
+PGD sweep on a disjoint development set -> per batch: one clean solve feeds every readout, then every
+attack group runs its attacks in order on the survivors, each attack once per chosen estimator ->
+one JSON document with per-example columns. Each finished batch is saved, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bench import __version__
+from bench.attacks.orchestrator import run_attacks
+from bench.attacks.specs import parse_attack
+from bench.data import ExampleSet, dataset_info, load_dataset, load_dev_set
+from bench.errors import BenchError
+from bench.io import atomic_write_bytes
+from bench.progress import Reporter
+from bench.records import SCHEMA_VERSION, RunStore, concat_columns, derive_seed, run_id_of
+from bench.registry import LoadedModel, load_model, parse_eps
+from bench.suites import AUTOGRAD, Plan, Protocol, build_plan, plan_to_dict
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    checkpoint: str | None = None
+    dataset: str | None = None
+    data_dir: str | None = None
+    download: bool = False
+    n_examples: int = 100
+    eps: str | None = None
+    suite: str = "quick"
+    attacks: list[str] | None = None
+    grads: list[str] | None = None
+    readouts: list[str] | None = None
+    defense: str = "none"
+    batch_size: int = 50
+    device: str = "auto"
+    seed: int = 0
+    results_dir: str = "results"
+    n_dev: int | None = None
+    force: bool = False
+    save_adversarial: bool = False
+    quiet: bool = False
+    random_weights: bool = False  # benchmarks only: evaluate an untrained architecture
+    stop_after_batches: int | None = None  # tests only: simulate a crash after this many new batches
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise BenchError(f"unknown device {name!r}: use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _is_deq(model: nn.Module) -> bool:
+    from models.deq import is_deq
+
+    return is_deq(model)
+
+
+def ready_made_estimator(loaded: LoadedModel) -> str:
+    """The model's own gradient at the final state: what a ready-made attack differentiates."""
+    model = loaded.model
+    if not _is_deq(model):
+        return AUTOGRAD
+    grad = str(loaded.entry.recipe.get("grad", "")) if loaded.entry.recipe else ""
+    if grad.startswith("exact"):
+        return grad
+    deploy = model.deploy
+    from bench.deq.estimators import format_number
+
+    return f"unroll:{deploy.refine_steps}:{format_number(deploy.refine_lambda)}"
+
+
+class Evaluator:
+    """Builds the attacked views of one model and runs batches; holds nothing batch-specific."""
+
+    def __init__(self, model: nn.Module, eps: float, device: torch.device) -> None:
+        self.model = model
+        self.eps = eps
+        self.device = device
+        self.is_deq = _is_deq(model)
+        self._views: dict[tuple[str, str], nn.Module] = {}
+        self._checked: set[str] = set()
+
+    def claim_checks(self, readout: str) -> bool:
+        """True the first time a readout is attacked: AutoAttack's model checks (randomness, output range,
+        dynamic forward) are about the deployed function, so once per readout and run is enough."""
+        if readout in self._checked:
+            return False
+        self._checked.add(readout)
+        return True
+
+    def view(self, readout: str, estimator: str) -> nn.Module:
+        """The module an attack sees for (readout, estimator): value = readout, gradient = estimator."""
+        if not self.is_deq:
+            return self.model
+        key = (readout, estimator)
+        if key not in self._views:
+            from bench.deq.view import AttackView
+
+            self._views[key] = AttackView(self.model, readout=readout, estimator=estimator)
+        return self._views[key]
+
+    def validate(self, readouts: tuple[str, ...], estimators: list[str]) -> None:
+        """Parse every readout and estimator up front so a typo fails before any work is done."""
+        if not self.is_deq:
+            return
+        for r in readouts:
+            for e in estimators:
+                self.view(r, e)
+
+    @torch.no_grad()
+    def clean_pass(self, x: Tensor, y: Tensor, readouts: tuple[str, ...]) -> dict[str, Any]:
+        """One solve feeds every readout: predictions per readout, per solver state, and solver stats."""
+        if not self.is_deq:
+            pred = self.model(x).argmax(1)
+            return {"readouts": {"final": pred}, "states": None, "solver": None}
+        return self._deq_pass(x, readouts)
+
+    def _deq_pass(self, x: Tensor, readouts: tuple[str, ...]) -> dict[str, Any]:
+        from bench.deq.readouts import parse_readout, solve_model
+        from bench.deq.solvers import SolverSettings
+
+        model = self.model
+        model.begin_forward(x.shape[0])
+        u = model.inject(x)
+        traj = solve_model(model, u, SolverSettings.from_deploy(model.deploy), keep=None)
+        preds = {r: parse_readout(r).logits(model, traj, u).argmax(1) for r in readouts}
+        states = torch.stack([model.head(traj.state(t)).argmax(1) for t in range(1, traj.max_iter + 1)], 1)
+        return {"readouts": preds, "states": states, "solver": traj.stats()}
+
+    @torch.no_grad()
+    def adversarial_pass(self, x_adv: Tensor, readouts: tuple[str, ...]) -> dict[str, Any]:
+        if not self.is_deq:
+            return {"readouts": {"final": self.model(x_adv).argmax(1)}, "states": None, "solver": None}
+        return self._deq_pass(x_adv, readouts)
+
+
+def _tolist(t: Tensor) -> list[Any]:
+    return t.detach().cpu().tolist()
+
+
+def _example_seeds(base: int, key: str, indices: Tensor) -> Tensor:
+    return torch.tensor([derive_seed(base, key, int(i)) for i in indices], dtype=torch.int64)
+
+
+def run_group(
+    ev: Evaluator,
+    protocol: str,
+    group: str,
+    attacks: tuple[str, ...],
+    estimators: list[str],
+    readout: str,
+    x: Tensor,
+    y: Tensor,
+    indices: Tensor,
+    clean_correct: Tensor,
+    seed: int,
+    first_batch: bool,
+    reporter: Reporter,
+) -> tuple[list[dict[str, Any]], Tensor, Tensor, dict[str, float], list[str]]:
+    """Run one group's attacks in order, each once per estimator, on the examples still robust.
+
+    Returns the per-(attack, estimator) columns, the robust mask, the worst-case inputs (the adversarial
+    example that broke each example, else the first attack's last iterate), wall times and warnings.
+    """
+    robust = clean_correct.clone()
+    worst = x.clone()
+    have_worst = torch.zeros_like(robust)
+    columns: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}
+    warnings: list[str] = []
+    for spec in attacks:
+        attack = parse_attack(spec, ev.eps)
+        for est in estimators:
+            key = f"{protocol}|{group}|{attack.name}|{est}|{readout}"
+            seeds = _example_seeds(seed, key, indices)
+            todo = robust.clone()
+            check = first_batch and ev.claim_checks(readout)
+            suite = run_attacks(
+                ev.view(readout, est), x, y, [attack], seeds, clean_correct=todo, checks=check
+            )
+            res = suite.results[attack.name]
+            warnings += [f"{attack.name} [{est}, {readout}]: {w}" for w in suite.warnings + res.warnings]
+            broken = res.broken & todo
+            newly_worst = broken | (res.attacked & ~have_worst)
+            worst[newly_worst] = res.x_adv[newly_worst]
+            have_worst |= res.attacked
+            robust &= ~broken
+            columns.append(
+                {
+                    "protocol": protocol,
+                    "group": group,
+                    "attack": attack.name,
+                    "estimator": est,
+                    "readout": readout,
+                    "attacked": _tolist(res.attacked & todo),
+                    "broken": _tolist(broken),
+                    "linf": [round(v, 7) for v in _tolist(res.linf)],
+                }
+            )
+            seconds[key] = res.seconds
+            reporter.advance(f"{protocol}/{attack.name} [{est}] {readout}", int(robust.sum()), len(robust))
+    return columns, robust, worst, seconds, warnings
+
+
+def run_batch(
+    ev: Evaluator,
+    plan: Plan,
+    selection: dict[str, dict[str, list[str]]],
+    x: Tensor,
+    y: Tensor,
+    indices: Tensor,
+    seed: int,
+    first_batch: bool,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """Everything one batch contributes to the record (columns) and to provenance (seconds, warnings)."""
+    clean = ev.clean_pass(x, y, plan.readouts)
+    out: dict[str, Any] = {
+        "index": _tolist(indices),
+        "label": _tolist(y),
+        "clean": {r: {"pred": _tolist(p)} for r, p in clean["readouts"].items()},
+    }
+    if clean["states"] is not None:
+        out["clean_states"] = {"pred": _tolist(clean["states"])}  # (B, T): every state's prediction
+        out["clean_solver"] = clean["solver"]
+    attacks_cols: list[dict[str, Any]] = []
+    adv: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    warnings: list[str] = []
+    worst_all = {r: x.clone() for r in plan.readouts}
+    broken_all = {r: torch.zeros(len(x), dtype=torch.bool, device=x.device) for r in plan.readouts}
+    for protocol in plan.protocols:
+        for readout in plan.readouts:
+            estimators = selection[protocol.name][readout]
+            clean_correct = clean["readouts"][readout] == y
+            for group, attacks in protocol.groups.items():
+                cols, robust, worst, secs, warns = run_group(
+                    ev,
+                    protocol.name,
+                    group,
+                    attacks,
+                    estimators,
+                    readout,
+                    x,
+                    y,
+                    indices,
+                    clean_correct,
+                    seed,
+                    first_batch,
+                    reporter,
+                )
+                attacks_cols += cols
+                seconds.update(secs)
+                warnings += warns
+                broken_here = clean_correct & ~robust
+                take = broken_here & ~broken_all[readout]
+                worst_all[readout][take] = worst[take]
+                broken_all[readout] |= broken_here
+                post = ev.adversarial_pass(worst, (readout,))
+                entry: dict[str, Any] = {"pred": _tolist(post["readouts"][readout])}
+                if post["states"] is not None:
+                    entry["states_pred"] = _tolist(post["states"])
+                    entry["solver"] = post["solver"]
+                adv[f"{protocol.name}|{group}|{readout}"] = entry
+    out["attacks"] = attacks_cols
+    out["adversarial"] = adv
+    return {"columns": out, "seconds": seconds, "warnings": warnings, "worst": worst_all}
+
+
+def _merge_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate batch columns; attack columns are matched by their identity, in the plan's order."""
+    base = [{k: v for k, v in p.items() if k != "attacks"} for p in parts]
+    merged = concat_columns(base)
+    ids = [
+        (c["protocol"], c["group"], c["attack"], c["estimator"], c["readout"]) for c in parts[0]["attacks"]
+    ]
+    cols = []
+    for i, ident in enumerate(ids):
+        rows = [p["attacks"][i] for p in parts]
+        if any((r["protocol"], r["group"], r["attack"], r["estimator"], r["readout"]) != ident for r in rows):
+            raise BenchError("cannot merge batches: their attack columns differ")
+        col = dict(zip(("protocol", "group", "attack", "estimator", "readout"), ident, strict=True))
+        for key in ("attacked", "broken", "linf"):
+            col[key] = [v for r in rows for v in r[key]]
+        cols.append(col)
+    merged["attacks"] = cols
+    return merged
+
+
+def summarize(columns: dict[str, Any], plan_dict: dict[str, Any]) -> dict[str, Any]:
+    """Percent accuracies from the per-example columns: clean, per group, per attack (cumulative), All."""
+    labels = torch.tensor(columns["label"])
+    n = len(labels)
+    out: dict[str, Any] = {"n_examples": n, "readouts": {}}
+    for readout in plan_dict["readouts"]:
+        clean_ok = torch.tensor(columns["clean"][readout]["pred"]) == labels
+        all_ok = clean_ok.clone()
+        groups: dict[str, Any] = {}
+        for col in columns["attacks"]:
+            if col["readout"] != readout:
+                continue
+            gkey = f"{col['protocol']}|{col['group']}"
+            g = groups.setdefault(gkey, {"robust": clean_ok.clone(), "attacks": {}})
+            g["robust"] &= ~torch.tensor(col["broken"], dtype=torch.bool)
+            g["attacks"][f"{col['attack']} [{col['estimator']}]"] = 100.0 * g["robust"].sum().item() / n
+            all_ok &= ~torch.tensor(col["broken"], dtype=torch.bool)
+        protocols: dict[str, Any] = {}
+        for gkey, g in groups.items():
+            protocol, group = gkey.split("|")
+            p = protocols.setdefault(protocol, {"groups": {}, "robust": clean_ok.clone()})
+            p["groups"][group] = {
+                "robust_acc": 100.0 * g["robust"].sum().item() / n,
+                "cumulative": g["attacks"],
+            }
+            p["robust"] &= g["robust"]
+        out["readouts"][readout] = {
+            "clean_acc": 100.0 * clean_ok.sum().item() / n,
+            "all_acc": 100.0 * all_ok.sum().item() / n,
+            "protocols": {
+                name: {"groups": p["groups"], "all_acc": 100.0 * p["robust"].sum().item() / n}
+                for name, p in protocols.items()
+            },
+        }
+    return out
+
+
+def select_estimators(
+    ev: Evaluator,
+    protocol: Protocol,
+    readouts: tuple[str, ...],
+    dev: ExampleSet,
+    cfg: EvalConfig,
+    reporter: Reporter,
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """The white-box sweep: PGD on the development set with every candidate estimator, per readout.
+
+    The strongest `top_k` (lowest dev robust accuracy; ties keep the candidate order) are chosen.
+    """
+    sweep = protocol.sweep
+    assert sweep is not None
+    attack = parse_attack(sweep.attack, ev.eps)
+    x_all, y_all = dev.x.to(ev.device), dev.y.to(ev.device)
+    chosen: dict[str, list[str]] = {}
+    table: dict[str, Any] = {}
+    for readout in readouts:
+        rows = []
+        for est in sweep.candidates:
+            view = ev.view(readout, est)
+            robust_total = 0
+            for start in range(0, len(dev), cfg.batch_size):
+                sl = slice(start, start + cfg.batch_size)
+                x, y = x_all[sl], y_all[sl]
+                with torch.no_grad():
+                    correct = view(x).argmax(1) == y
+                seeds = _example_seeds(cfg.seed, f"sweep|{est}|{readout}", dev.indices[sl])
+                res = run_attacks(view, x, y, [attack], seeds, clean_correct=correct, checks=False)
+                robust_total += int((correct & ~res.results[attack.name].broken).sum())
+            rows.append({"estimator": est, "robust_acc": 100.0 * robust_total / len(dev)})
+            reporter.advance(f"sweep {est} {readout}", robust_total, len(dev))
+        ranked = sorted(range(len(rows)), key=lambda i: (rows[i]["robust_acc"], i))
+        chosen[readout] = [rows[i]["estimator"] for i in ranked[: sweep.top_k]]
+        table[readout] = rows
+    return chosen, table
+
+
+def _save_tensor(path: Path, obj: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"deq-bench": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "pyautoattack", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _dev_source(dataset: str, n_report: int, n_dev: int) -> str:
+    """Fashion-MNIST dev examples come from the built-in subset whenever they fit there.
+
+    The built-in images equal the full test set's first 1000, so a machine with and one without the full
+    data set choose estimators on the same examples and produce the same record.
+    """
+    if dataset == "fashion-mnist" and n_report + n_dev <= 1000:
+        return "fashion-mnist-builtin"
+    return dataset
+
+
+def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], Path, bool]:
+    """Run (or resume, or reuse) one evaluation. Returns (document, path, reused)."""
+    device = resolve_device(cfg.device)
+    if cfg.n_examples < 1:
+        raise BenchError("--n-examples must be at least 1")
+    if cfg.batch_size < 1:
+        raise BenchError("--batch-size must be at least 1")
+    if cfg.defense != "none":
+        raise BenchError(f"unknown defense {cfg.defense!r}; available: none")
+    loaded = load_model(cfg.model, cfg.checkpoint, random_weights=cfg.random_weights)
+    entry = loaded.entry
+    dataset = cfg.dataset or entry.dataset
+    info = dataset_info(dataset)
+    base_dataset = dataset.replace("-builtin", "")
+    if base_dataset != entry.dataset.replace("-builtin", ""):
+        raise BenchError(f"model {entry.name!r} is for {entry.dataset}, not {dataset}")
+    eps = parse_eps(cfg.eps) if cfg.eps is not None else info.eps
+    data = load_dataset(dataset, "test", cfg.data_dir, cfg.download, cfg.n_examples)
+    if tuple(data.x.shape[1:]) != tuple(entry.input_shape):
+        raise BenchError(
+            f"input shape {tuple(data.x.shape[1:])} of {dataset} does not match "
+            f"{entry.name}'s {entry.input_shape}"
+        )
+    model = loaded.model.to(device).eval()
+    ev = Evaluator(model, eps, device)
+    max_iter = model.deploy.max_iter if ev.is_deq else 0
+    plan = build_plan(
+        cfg.suite,
+        is_deq=ev.is_deq,
+        max_iter=max_iter,
+        ready_made_estimator=ready_made_estimator(loaded),
+        attacks=cfg.attacks,
+        grads=cfg.grads,
+        readouts=cfg.readouts,
+        n_dev=cfg.n_dev,
+    )
+    for protocol in plan.protocols:  # fail on a bad spec before any work
+        for group in protocol.groups.values():
+            for spec in group:
+                parse_attack(spec, eps)
+        ev.validate(plan.readouts, list(protocol.estimators) or list(protocol.sweep.candidates))
+    plan_dict = plan_to_dict(plan)
+    dev: ExampleSet | None = None
+    sweep_n = max((p.sweep.n_dev for p in plan.protocols if p.sweep), default=0)
+    if sweep_n:
+        dev = load_dev_set(
+            _dev_source(dataset, len(data), sweep_n), sweep_n, len(data), cfg.data_dir, cfg.download
+        )
+    spec = {
+        "schema": SCHEMA_VERSION,
+        "model": entry.name,
+        "checkpoint_sha256": loaded.checkpoint_sha256,
+        "random_weights": cfg.random_weights,
+        "dataset": dataset,
+        "data_sha256": data.sha256(),
+        "n_examples": len(data),
+        "dev": None
+        if dev is None
+        else {
+            "split": dev.split,
+            "indices": [int(dev.indices[0]), int(dev.indices[-1])],
+            "sha256": dev.sha256(),
+        },
+        "eps": eps,
+        "plan": plan_dict,
+        "defense": cfg.defense,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "save_adversarial": cfg.save_adversarial,
+        "device": device.type,
+        "deploy": model.deploy.to_dict() if ev.is_deq else None,
+        "code": __version__,
+    }
+    run_id = run_id_of(spec)
+    store = RunStore(cfg.results_dir, entry.name.replace(":", "_").replace("/", "_"), run_id)
+    if cfg.force:
+        store.clear()
+    elif (done := store.finished()) is not None:
+        return done, store.final_path, True
+
+    reporter = Reporter(quiet=cfg.quiet)
+    t_start = time.time()
+    with reporter:
+        selection: dict[str, dict[str, list[str]]] = {}
+        sweep_tables: dict[str, Any] = {}
+        for protocol in plan.protocols:
+            if protocol.sweep is None:
+                selection[protocol.name] = {r: list(protocol.estimators) for r in plan.readouts}
+                continue
+            stage = store.load_stage(f"sweep-{protocol.name}")
+            if stage is None:
+                reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(plan.readouts))
+                chosen, table = select_estimators(ev, protocol, plan.readouts, dev, cfg, reporter)
+                stage = {"chosen": chosen, "table": table}
+                store.save_stage(f"sweep-{protocol.name}", stage)
+            selection[protocol.name] = stage["chosen"]
+            sweep_tables[protocol.name] = stage["table"]
+
+        n_batches = (len(data) + cfg.batch_size - 1) // cfg.batch_size
+        units = sum(
+            len(g) * len(selection[p.name][r])
+            for p in plan.protocols
+            for r in plan.readouts
+            for g in p.groups.values()
+        )
+        reporter.start("attacks", n_batches * units)
+        parts, seconds, warnings = [], {}, []
+        new_batches = 0
+        for b in range(n_batches):
+            sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+            stage = store.load_stage(f"batch-{b:05d}")
+            if stage is None:
+                if cfg.stop_after_batches is not None and new_batches >= cfg.stop_after_batches:
+                    raise BenchError(f"stopped after {new_batches} batches (as asked)")
+                x, y = data.x[sl].to(device), data.y[sl].to(device)
+                result = run_batch(ev, plan, selection, x, y, data.indices[sl], cfg.seed, b == 0, reporter)
+                stage = {
+                    "columns": result["columns"],
+                    "seconds": result["seconds"],
+                    "warnings": result["warnings"],
+                }
+                if cfg.save_adversarial:
+                    _save_tensor(
+                        store.partial_dir / f"adv-{b:05d}.pt",
+                        {r: t.cpu() for r, t in result["worst"].items()},
+                    )
+                store.save_stage(f"batch-{b:05d}", stage)
+                new_batches += 1
+            else:
+                reporter.skip(units)
+            parts.append(stage["columns"])
+            for k, v in stage["seconds"].items():
+                seconds[k] = seconds.get(k, 0.0) + v
+            warnings += stage["warnings"]
+
+    columns = _merge_batches(parts)
+    summary = summarize(columns, plan_dict)
+    results = {
+        "selection": selection,
+        "sweep": sweep_tables,
+        "columns": columns,
+        "summary": summary,
+        "warnings": sorted(set(warnings)),
+    }
+    document = {
+        "schema": SCHEMA_VERSION,
+        "run_id": run_id,
+        "spec": spec,
+        "results": results,
+        "provenance": {
+            "checkpoint_path": loaded.checkpoint_path,
+            "checkpoint_metadata": loaded.checkpoint_metadata,
+            "data_source": data.source,
+            "versions": _versions(),
+            "git_commit": _git_commit(),
+            "device": str(device),
+            "host": platform.node(),
+            "wall_seconds_this_session": round(time.time() - t_start, 3),
+            "attack_seconds": {k: round(v, 4) for k, v in seconds.items()},
+            "reimplementations": [
+                e for sel in selection.values() for es in sel.values() for e in es if e.startswith("adjoint")
+            ],
+        },
+    }
+    if cfg.save_adversarial:
+        adv_path = store.final_path.with_suffix(".adv.pt")
+        pieces = [
+            torch.load(store.partial_dir / f"adv-{b:05d}.pt", weights_only=True) for b in range(n_batches)
+        ]
+        tensors = {r: torch.cat([p[r] for p in pieces]) for r in plan.readouts}
+        _save_tensor(adv_path, tensors["final"] if "final" in tensors else tensors[plan.readouts[0]])
+        document["provenance"]["adversarial_examples"] = str(adv_path)
+    store.write_final(document)
+    return document, store.final_path, False

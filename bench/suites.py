@@ -1,0 +1,145 @@
+"""Attack suites: which attacks run, with which gradient estimators, on which readouts.
+
+A suite expands into *protocols* (`ready-made`, `white-box`), each with attack *groups* (`pgd`, `aa`).
+Inside a group the attacks run in order on the examples still robust (AutoAttack's semantics); groups are
+independent of each other, so each reports its own robust accuracy (the papers' PGD and AA columns), and
+"All" is the per-example AND over every group of every protocol.
+
+    ready-made  PGD-10 and AutoAttack-standard with the model's own gradient at the final state
+                (what earlier work reported; for a DEQ the gradient it was trained with)
+    white-box   the papers' protocol made automatic: a cheap PGD sweep over estimators on a development
+                subset picks the strongest per readout; PGD and the AutoAttack components then use them
+    quick       a small white-box configuration for CI and smoke runs
+    full        ready-made and white-box together
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bench.errors import BenchError, did_you_mean
+
+SUITES = ("quick", "ready-made", "white-box", "full")
+AUTOGRAD = "autograd"  # the estimator name of a plain (non-DEQ) network: its own backward pass
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The development-set PGD sweep that picks estimators (white-box protocol)."""
+
+    attack: str
+    n_dev: int
+    top_k: int
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    groups: dict[str, tuple[str, ...]]  # group -> attack specs, run in order on the survivors
+    estimators: tuple[str, ...] = ()  # fixed estimators (ready-made); empty = chosen by the sweep
+    sweep: SweepConfig | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    suite: str
+    protocols: tuple[Protocol, ...]
+    readouts: tuple[str, ...]
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def white_box_candidates(max_iter: int, level: str) -> tuple[str, ...]:
+    """Estimators the sweep tries: intermediate states t with K unroll steps and lambda, exact, adjoint.
+
+    `full` follows the papers' grid (every state, K in {1, 5, 9}, lambda in {0.5, 1}) plus the final-state
+    unroll, the exact gradient, Neumann and the simultaneous adjoint; `quick` keeps a handful of them.
+    """
+    if level == "quick":
+        states = sorted({max(1, max_iter // 2), max_iter})
+        out = [f"state:{t}:1:1" for t in states]
+        return (*out, "exact", f"adjoint:{max_iter}")
+    out = [f"state:{t}:{k}:{lam}" for t in range(1, max_iter + 1) for k in (1, 5, 9) for lam in ("0.5", "1")]
+    out += ["unroll:5:0.5", "unroll:9:0.5", "exact", "exact:30:1e-06", "neumann:8"]
+    out += [f"adjoint:{t}" for t in sorted({max(1, max_iter // 2), max_iter})]
+    return tuple(out)
+
+
+STANDARD_AA = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def build_plan(
+    suite: str,
+    *,
+    is_deq: bool,
+    max_iter: int,
+    ready_made_estimator: str,
+    attacks: list[str] | None = None,
+    grads: list[str] | None = None,
+    readouts: list[str] | None = None,
+    n_dev: int | None = None,
+) -> Plan:
+    """Expand a suite name and the user's overrides into a Plan.
+
+    `attacks` replaces every protocol's attacks (each in its own group, so each gets its own number);
+    `grads` fixes the white-box estimators (no sweep); `readouts` replaces the default ['final'].
+    """
+    if suite not in SUITES:
+        raise BenchError(f"unknown suite {suite!r}{did_you_mean(suite, SUITES)}")
+    readouts_t = tuple(readouts) if readouts else ("final",)
+    if not is_deq:
+        if readouts and readouts_t != ("final",):
+            raise BenchError("readouts other than 'final' need a DEQ model")
+        if grads and tuple(grads) != (AUTOGRAD,):
+            raise BenchError(f"gradient estimators need a DEQ model; a plain network uses {AUTOGRAD!r}")
+    quick = suite == "quick"
+    pgd_group = ("pgd:5",) if quick else ("pgd-10",)
+    aa_group = ("apgd-ce:10", "square:100") if quick else STANDARD_AA
+    groups = {"pgd": pgd_group, "aa": aa_group}
+    if attacks:
+        groups = {a: (a,) for a in attacks}
+
+    protocols: list[Protocol] = []
+    if suite in ("ready-made", "full"):
+        protocols.append(
+            Protocol("ready-made", groups, estimators=(ready_made_estimator if is_deq else AUTOGRAD,))
+        )
+    if suite in ("white-box", "full", "quick"):
+        if not is_deq:
+            if suite != "full":  # a plain network has one gradient: white-box = ready-made
+                protocols.append(Protocol("white-box", groups, estimators=(AUTOGRAD,)))
+        elif grads:
+            protocols.append(Protocol("white-box", groups, estimators=tuple(grads)))
+        else:
+            level = "quick" if quick else "full"
+            sweep = SweepConfig(
+                attack="pgd:5" if quick else "pgd-10",
+                n_dev=n_dev if n_dev is not None else (16 if quick else 100),
+                top_k=1 if quick else 2,
+                candidates=white_box_candidates(max_iter, level),
+            )
+            protocols.append(Protocol("white-box", groups, sweep=sweep))
+    return Plan(suite=suite, protocols=tuple(protocols), readouts=readouts_t)
+
+
+def plan_to_dict(plan: Plan) -> dict[str, object]:
+    return {
+        "suite": plan.suite,
+        "readouts": list(plan.readouts),
+        "protocols": [
+            {
+                "name": p.name,
+                "groups": {g: list(a) for g, a in p.groups.items()},
+                "estimators": list(p.estimators),
+                "sweep": None
+                if p.sweep is None
+                else {
+                    "attack": p.sweep.attack,
+                    "n_dev": p.sweep.n_dev,
+                    "top_k": p.sweep.top_k,
+                    "candidates": list(p.sweep.candidates),
+                },
+            }
+            for p in plan.protocols
+        ],
+    }
