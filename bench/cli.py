@@ -151,6 +151,13 @@ def evaluate(
     print_summary(document, path, reused)
 
 
+from bench.leaderboard import leaderboard_command  # noqa: E402  (no heavy imports at module level)
+from bench.plots import plot_command  # noqa: E402
+
+app.command("leaderboard")(leaderboard_command)
+app.command("plot")(plot_command)
+
+
 def _fail(message: str) -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
     print(f"error: {first_line}", file=sys.stderr)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -18,11 +19,11 @@ def stdout_is_terminal() -> bool:
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A rich table on a terminal; tab-separated lines with a header when piped (easy to grep or cut)."""
     if stdout_is_terminal():
-        table = Table(title=title)
+        table = Table(title=escape(title))  # names like "pgd [exact]" or "z[t]" are not markup
         for col in columns:
             table.add_column(col)
         for row in rows:
-            table.add_row(*(str(v) for v in row))
+            table.add_row(*(escape(str(v)) for v in row))
         Console().print(table)
         return
     print("\t".join(columns))

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError, did_you_mean
 from bench.paths import PACKAGE_DIR, checkpoints_dir
+
+if TYPE_CHECKING:  # torch is imported only by the functions that build models: listing stays fast
+    from torch import nn
 
 REGISTRY_FILE = PACKAGE_DIR / "registry" / "models.toml"
 ZOO_PREFIX = "robustbench:"
