@@ -157,11 +157,9 @@ def print_tables(table: pd.DataFrame, view: str) -> None:
         body = [[r["dataset"], *(cell(r.get(c.key), c.kind) for c in cols)] for r in rows]
         print_table("", ["Dataset", *(c.header for c in cols)], body)
         return
-    from rich.markup import escape  # print_table hands cells to rich, which reads "[t]" as markup
-
-    for dataset, rows in _by_dataset(table):
-        body = [[escape(cell(r.get(c.key), c.kind)) for c in cols] for r in rows]
-        print_table(escape(_title(dataset, rows)), [c.header for c in cols], body)
+    for dataset, rows in _by_dataset(table):  # print_table escapes rich markup ("z[t]" stays "z[t]")
+        body = [[cell(r.get(c.key), c.kind) for c in cols] for r in rows]
+        print_table(_title(dataset, rows), [c.header for c in cols], body)
 
 
 def _pad(text: str, width: int, col: Column) -> str:
