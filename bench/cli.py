@@ -116,6 +116,13 @@ def evaluate(
         bool, typer.Option(help="Store the worst-case adversarial examples (RobustBench format).")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars or tables; print the record path.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="This process's share: RANK/WORLD (e.g. 0/4) or 'slurm'; torchrun is detected."),
+    ] = None,
+    shard_timeout: Annotated[
+        float, typer.Option(help="Seconds a shard waits for rank 0's sweep or for the other ranks.")
+    ] = 21600.0,
 ) -> None:
     """Attack a model with the white-box suite and record per-example results."""
     from bench.evaluate import EvalConfig
@@ -143,18 +150,28 @@ def evaluate(
         force=force,
         save_adversarial=save_adversarial,
         quiet=quiet,
+        shard=shard,
+        shard_timeout=shard_timeout,
     )
     document, path, reused = run_evaluation(cfg)
+    if (
+        document is None
+    ):  # a shard that did its batches; rank 0 / the last shard / `bench merge` writes the record
+        return
     if quiet:
         print(path)
         return
     print_summary(document, path, reused)
 
 
+from bench.check import check_command  # noqa: E402
 from bench.leaderboard import leaderboard_command  # noqa: E402  (no heavy imports at module level)
+from bench.merge import merge_command  # noqa: E402
 from bench.plots import plot_command  # noqa: E402
 
 app.command("leaderboard")(leaderboard_command)
+app.command("check")(check_command)
+app.command("merge")(merge_command)
 app.command("plot")(plot_command)
 
 

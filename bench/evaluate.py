@@ -4,6 +4,10 @@ Flow per run: load model and data -> expand the suite into a Plan -> (white-box)
 PGD sweep on a disjoint development set -> per batch: one clean solve feeds every readout, then every
 attack group runs its attacks in order on the survivors, each attack once per chosen estimator ->
 one JSON document with per-example columns. Each finished batch is saved, so a killed run resumes.
+
+Sharding (torchrun, SLURM arrays, --shard R/W; see bench/distributed.py and docs/distributed.md): each
+process runs its strided share of the same batch plan into the same stage files, and the record is always
+assembled from those files (bench/merge.py), so a sharded record's results equal a single-process one's.
 """
 
 from __future__ import annotations
@@ -23,8 +27,21 @@ from bench import __version__
 from bench.attacks.orchestrator import run_attacks
 from bench.attacks.specs import parse_attack
 from bench.data import ExampleSet, dataset_info, load_dataset, load_dev_set
+from bench.distributed import (
+    DEFAULT_TIMEOUT_S,
+    announce,
+    barrier,
+    batch_plan,
+    describe_batches,
+    process_group,
+    resolve_shard,
+    shard_batches,
+    shard_device,
+    wait_for,
+)
 from bench.errors import BenchError
 from bench.io import atomic_write_bytes
+from bench.merge import assemble, batch_stage, missing_batches, record_session, save_manifest
 from bench.progress import Reporter
 from bench.records import SCHEMA_VERSION, RunStore, concat_columns, derive_seed, run_id_of
 from bench.registry import LoadedModel, load_model, parse_eps
@@ -55,6 +72,9 @@ class EvalConfig:
     quiet: bool = False
     random_weights: bool = False  # benchmarks only: evaluate an untrained architecture
     stop_after_batches: int | None = None  # tests only: simulate a crash after this many new batches
+    # sharding: not part of the run spec, so every shard of a run shares its run id (bench/distributed.py)
+    shard: str | None = None  # "RANK/WORLD" or "slurm"; None: torchrun's RANK/WORLD_SIZE if set, else all
+    shard_timeout: float = DEFAULT_TIMEOUT_S  # seconds a shard waits for rank 0's sweep or for its peers
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -425,13 +445,20 @@ def _dev_source(dataset: str, n_report: int, n_dev: int) -> str:
     return dataset
 
 
-def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], Path, bool]:
-    """Run (or resume, or reuse) one evaluation. Returns (document, path, reused)."""
-    device = resolve_device(cfg.device)
+def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
+    """Run (or resume, or reuse) one evaluation, or this process's shard of it.
+
+    Returns (document, path, reused); document is None for a shard that did its batches while another
+    process (rank 0, the last shard to finish, or `bench merge`) writes the record at `path`.
+    """
+    shard = resolve_shard(cfg.shard)
+    device = resolve_device(shard_device(cfg.device, shard))
     if cfg.n_examples < 1:
         raise BenchError("--n-examples must be at least 1")
     if cfg.batch_size < 1:
         raise BenchError("--batch-size must be at least 1")
+    if cfg.force and shard.sharded:  # one shard's --force would delete the other shards' batches
+        raise BenchError("--force cannot be used with shards: delete the run's record and .partial first")
     if cfg.defense != "none":
         raise BenchError(f"unknown defense {cfg.defense!r}; available: none")
     loaded = load_model(cfg.model, cfg.checkpoint, random_weights=cfg.random_weights)
@@ -499,7 +526,8 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], Path, bool]:
         "code": __version__,
     }
     run_id = run_id_of(spec)
-    store = RunStore(cfg.results_dir, entry.name.replace(":", "_").replace("/", "_"), run_id)
+    run_name = entry.name.replace(":", "_").replace("/", "_")
+    store = RunStore(cfg.results_dir, run_name, run_id)
     if cfg.force:
         store.clear()
     elif (done := store.finished()) is not None:
@@ -507,95 +535,108 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], Path, bool]:
 
     reporter = Reporter(quiet=cfg.quiet)
     t_start = time.time()
-    with reporter:
+    batches = batch_plan(len(data), cfg.batch_size)  # fixed by the spec, whatever the number of processes
+    n_batches = len(batches)
+    mine = shard_batches(n_batches, shard.rank, shard.world)  # every batch when not sharded
+    manifest_provenance = {
+        "checkpoint_path": loaded.checkpoint_path,
+        "checkpoint_metadata": loaded.checkpoint_metadata,
+        "data_source": data.source,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+    }
+    save_manifest(store, run_name, spec, n_batches, manifest_provenance)  # what `bench merge` reads
+    with process_group(shard, cfg.shard_timeout) as collective, reporter:
         selection: dict[str, dict[str, list[str]]] = {}
-        sweep_tables: dict[str, Any] = {}
         for protocol in plan.protocols:
             if protocol.sweep is None:
                 selection[protocol.name] = {r: list(protocol.estimators) for r in plan.readouts}
                 continue
-            stage = store.load_stage(f"sweep-{protocol.name}")
+            sweep_stage = f"sweep-{protocol.name}"
+            stage = store.load_stage(sweep_stage)
+            if stage is None and shard.rank != 0:  # one sweep per run: every shard attacks with its choice
+                stage = wait_for(
+                    lambda name=sweep_stage: store.load_stage(name),
+                    f"rank 0's white-box sweep ({store.stage_path(sweep_stage)})",
+                    cfg.shard_timeout,
+                )
             if stage is None:
                 reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(plan.readouts))
                 chosen, table = select_estimators(ev, protocol, plan.readouts, dev, cfg, reporter)
                 stage = {"chosen": chosen, "table": table}
-                store.save_stage(f"sweep-{protocol.name}", stage)
+                store.save_stage(sweep_stage, stage)
             selection[protocol.name] = stage["chosen"]
-            sweep_tables[protocol.name] = stage["table"]
 
-        n_batches = (len(data) + cfg.batch_size - 1) // cfg.batch_size
         units = sum(
             len(g) * len(selection[p.name][r])
             for p in plan.protocols
             for r in plan.readouts
             for g in p.groups.values()
         )
-        reporter.start("attacks", n_batches * units)
-        parts, seconds, warnings = [], {}, []
-        new_batches = 0
-        for b in range(n_batches):
-            sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-            stage = store.load_stage(f"batch-{b:05d}")
-            if stage is None:
-                if cfg.stop_after_batches is not None and new_batches >= cfg.stop_after_batches:
-                    raise BenchError(f"stopped after {new_batches} batches (as asked)")
-                x, y = data.x[sl].to(device), data.y[sl].to(device)
-                result = run_batch(ev, plan, selection, x, y, data.indices[sl], cfg.seed, b == 0, reporter)
-                stage = {
-                    "columns": result["columns"],
-                    "seconds": result["seconds"],
-                    "warnings": result["warnings"],
-                }
-                if cfg.save_adversarial:
-                    _save_tensor(
-                        store.partial_dir / f"adv-{b:05d}.pt",
-                        {r: t.cpu() for r, t in result["worst"].items()},
-                    )
-                store.save_stage(f"batch-{b:05d}", stage)
-                new_batches += 1
-            else:
+        reporter.start("attacks", len(mine) * units)
+        ran: list[int] = []
+        reused: list[int] = []
+        for b in mine:
+            sl = slice(batches[b].start, batches[b].stop)
+            if store.stage_path(batch_stage(b)).is_file():
                 reporter.skip(units)
-            parts.append(stage["columns"])
-            for k, v in stage["seconds"].items():
-                seconds[k] = seconds.get(k, 0.0) + v
-            warnings += stage["warnings"]
-
-    columns = _merge_batches(parts)
-    summary = summarize(columns, plan_dict)
-    results = {
-        "selection": selection,
-        "sweep": sweep_tables,
-        "columns": columns,
-        "summary": summary,
-        "warnings": sorted(set(warnings)),
-    }
-    document = {
-        "schema": SCHEMA_VERSION,
-        "run_id": run_id,
-        "spec": spec,
-        "results": results,
-        "provenance": {
-            "checkpoint_path": loaded.checkpoint_path,
-            "checkpoint_metadata": loaded.checkpoint_metadata,
-            "data_source": data.source,
-            "versions": _versions(),
-            "git_commit": _git_commit(),
-            "device": str(device),
+                reused.append(b)
+                continue
+            if cfg.stop_after_batches is not None and len(ran) >= cfg.stop_after_batches:
+                raise BenchError(f"stopped after {len(ran)} batches (as asked)")
+            x, y = data.x[sl].to(device), data.y[sl].to(device)
+            result = run_batch(ev, plan, selection, x, y, data.indices[sl], cfg.seed, b == 0, reporter)
+            stage = {
+                "columns": result["columns"],
+                "seconds": result["seconds"],
+                "warnings": result["warnings"],
+            }
+            if cfg.save_adversarial:
+                _save_tensor(
+                    store.partial_dir / f"adv-{b:05d}.pt",
+                    {r: t.cpu() for r, t in result["worst"].items()},
+                )
+            store.save_stage(batch_stage(b), stage)
+            ran.append(b)
+        session = {
+            "rank": shard.rank,
+            "world": shard.world,
+            "source": shard.source,
             "host": platform.node(),
-            "wall_seconds_this_session": round(time.time() - t_start, 3),
-            "attack_seconds": {k: round(v, 4) for k, v in seconds.items()},
-            "reimplementations": [
-                e for sel in selection.values() for es in sel.values() for e in es if e.startswith("adjoint")
-            ],
-        },
-    }
-    if cfg.save_adversarial:
-        adv_path = store.final_path.with_suffix(".adv.pt")
-        pieces = [
-            torch.load(store.partial_dir / f"adv-{b:05d}.pt", weights_only=True) for b in range(n_batches)
-        ]
-        tensors = {r: torch.cat([p[r] for p in pieces]) for r in plan.readouts}
-        _save_tensor(adv_path, tensors["final"] if "final" in tensors else tensors[plan.readouts[0]])
-        document["provenance"]["adversarial_examples"] = str(adv_path)
-    store.write_final(document)
+            "device": str(device),
+            "batches_run": ran,
+            "batches_reused": reused,
+            "started": round(t_start, 3),
+            "wall_seconds": round(time.time() - t_start, 3),
+        }
+        record_session(store, shard, session)
+        if shard.sharded:
+            did = f"{shard.label()}: ran batches {describe_batches(ran)}" + (
+                f", reused {describe_batches(reused)}" if reused else ""
+            )
+            if collective:  # torchrun: rank 0 assembles once every rank is through the barrier
+                barrier(cfg.shard_timeout)
+                if shard.rank != 0:
+                    announce(f"{did}; rank 0 writes the record")
+                    return None, store.final_path, False
+                wait_for(  # the barrier says the others are done; a shared file system may lag behind
+                    lambda: not missing_batches(store, n_batches) or None,
+                    f"the other ranks' batch files in {store.partial_dir}",
+                    min(cfg.shard_timeout, 300.0),
+                )
+            elif missing := missing_batches(store, n_batches):  # array tasks: the last one assembles
+                announce(
+                    f"{did}; {len(missing)} of {n_batches} batches are still to come "
+                    f"({describe_batches(missing)}): the shard that finishes last writes the record, "
+                    f"or run `bench merge --results-dir {cfg.results_dir} --run-id {run_id}`"
+                )
+                return None, store.final_path, False
+            announce(f"{did}; writing the record from all {n_batches} batches")
+
+    manifest = {"run_name": run_name, "spec": spec, "n_batches": n_batches, "provenance": manifest_provenance}
+    document = assemble(store, manifest, device=str(device), started=t_start)
+    if document is None:  # another shard assembled at the same moment and removed the stage files
+        if (done := store.finished()) is not None:
+            return done, store.final_path, True
+        raise BenchError(f"run {run_id}: stage files vanished while assembling the record")
     return document, store.final_path, False

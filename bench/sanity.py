@@ -1,11 +1,11 @@
 """Sanity checks an honest evaluation runs on itself, stored in the record and shown with its numbers.
 
-    eps-zero       an attack with eps = 0 must break nothing (robust accuracy = clean accuracy)
-    gradients      the input gradient every attacked view gives must be finite and non-zero
-    square-beats   Square (gradient-free) breaking examples that every gradient attack before it in
-                   the group left standing is a sign of gradient masking (AutoAttack's check_square_sr:
-                   a drop of more than 0.2 percentage points)
-    autoattack     AutoAttack's own warnings (randomness, output range, dynamic forward, zero gradients)
+eps-zero       an attack with eps = 0 must break nothing (robust accuracy = clean accuracy)
+gradients      the input gradient every attacked view gives must be finite and non-zero
+square-beats   Square (gradient-free) breaking examples that every gradient attack before it in
+               the group left standing is a sign of gradient masking (AutoAttack's check_square_sr:
+               a drop of more than 0.2 percentage points)
+autoattack     AutoAttack's own warnings (randomness, output range, dynamic forward, zero gradients)
 """
 
 from __future__ import annotations

@@ -1,0 +1,228 @@
+"""Assembling a run's record from its stage files, and `bench merge`.
+
+A run's `.partial/<run_id>/` holds a manifest (`run.json`: the spec and the environment), the sweep stages,
+one file per finished batch and one session file per process that worked on it. The record is always built
+from these files, whether one process ran every batch, torchrun's ranks did, or a SLURM array's tasks did
+and `bench merge` assembles afterwards: one code path, so a sharded record's `results` equal the
+single-process record's by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bench.distributed import Shard, describe_batches
+from bench.errors import BenchError
+from bench.records import RunStore
+
+MANIFEST = "run"
+
+
+def batch_stage(b: int) -> str:
+    return f"batch-{b:05d}"
+
+
+def session_stage(shard: Shard) -> str:
+    return f"shard-r{shard.rank:05d}-w{shard.world:05d}"
+
+
+def save_manifest(
+    store: RunStore, run_name: str, spec: dict[str, Any], n_batches: int, provenance: dict[str, Any]
+) -> None:
+    """What `bench merge` needs to assemble without loading the model or the data."""
+    store.save_stage(
+        MANIFEST, {"run_name": run_name, "spec": spec, "n_batches": n_batches, "provenance": provenance}
+    )
+
+
+def record_session(store: RunStore, shard: Shard, session: dict[str, Any]) -> None:
+    """Append this process's session (batches run and reused, wall time) to its rank's file."""
+    name = session_stage(shard)
+    previous = store.load_stage(name) or {"sessions": []}
+    previous["sessions"].append(session)
+    store.save_stage(name, previous)
+
+
+def missing_batches(store: RunStore, n_batches: int) -> list[int]:
+    return [b for b in range(n_batches) if not store.stage_path(batch_stage(b)).is_file()]
+
+
+def _sessions(store: RunStore) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(store.partial_dir.glob("shard-r*-w*.json")):
+        try:
+            out += json.loads(path.read_text())["sessions"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue  # provenance only: a vanished or foreign file must not block the record
+    return sorted(out, key=lambda s: (s.get("started", 0.0), s.get("world", 1), s.get("rank", 0)))
+
+
+def assemble(
+    store: RunStore, manifest: dict[str, Any], *, device: str | None, started: float
+) -> dict[str, Any] | None:
+    """Build and write the record from the stage files; None if one is gone (another process finished)."""
+    from bench.evaluate import _merge_batches, _save_tensor, summarize
+
+    spec, n_batches = manifest["spec"], int(manifest["n_batches"])
+    plan_dict = spec["plan"]
+    readouts = list(plan_dict["readouts"])
+    selection: dict[str, dict[str, list[str]]] = {}
+    sweep_tables: dict[str, Any] = {}
+    for protocol in plan_dict["protocols"]:
+        name = protocol["name"]
+        if protocol["sweep"] is None:
+            selection[name] = {r: list(protocol["estimators"]) for r in readouts}
+            continue
+        stage = store.load_stage(f"sweep-{name}")
+        if stage is None:
+            return None
+        selection[name], sweep_tables[name] = stage["chosen"], stage["table"]
+    parts, seconds, warnings = [], {}, []
+    for b in range(n_batches):
+        stage = store.load_stage(batch_stage(b))
+        if stage is None:
+            return None
+        parts.append(stage["columns"])
+        for k, v in stage["seconds"].items():
+            seconds[k] = seconds.get(k, 0.0) + v
+        warnings += stage["warnings"]
+
+    columns = _merge_batches(parts)
+    sessions = _sessions(store)
+    results = {
+        "selection": selection,
+        "sweep": sweep_tables,
+        "columns": columns,
+        "summary": summarize(columns, plan_dict),
+        "warnings": sorted(set(warnings)),
+    }
+    devices = sorted({str(s["device"]) for s in sessions if s.get("device")})
+    provenance = {
+        **manifest["provenance"],
+        "device": device if device is not None else ", ".join(devices) or None,
+        "host": platform.node(),
+        "wall_seconds_this_session": round(time.time() - started, 3),
+        "attack_seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "reimplementations": [
+            e for sel in selection.values() for es in sel.values() for e in es if e.startswith("adjoint")
+        ],
+        # who ran which batches: provenance, not results, so results match a single-process run
+        "shard_plan": {
+            "n_batches": n_batches,
+            "batch_size": spec["batch_size"],
+            "worlds": sorted({int(s.get("world", 1)) for s in sessions}),
+            "sessions": sessions,
+        },
+    }
+    document = {
+        "schema": spec["schema"],
+        "run_id": store.run_id,
+        "spec": spec,
+        "results": results,
+        "provenance": provenance,
+    }
+    if spec["save_adversarial"]:
+        import torch
+
+        pieces = []
+        for b in range(n_batches):
+            path = store.partial_dir / f"adv-{b:05d}.pt"
+            if not path.is_file():
+                return None
+            pieces.append(torch.load(path, weights_only=True))
+        tensors = {r: torch.cat([p[r] for p in pieces]) for r in readouts}
+        adv_path = store.final_path.with_suffix(".adv.pt")
+        _save_tensor(adv_path, tensors["final"] if "final" in tensors else tensors[readouts[0]])
+        provenance["adversarial_examples"] = str(adv_path)
+    store.write_final(document)
+    return document
+
+
+def _load_manifest(partial: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((partial / f"{MANIFEST}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _pick_run(root: Path, run_id: str | None) -> str:
+    if run_id is not None:
+        return run_id
+    partial_root = root / ".partial"
+    runs = sorted(d.name for d in partial_root.iterdir() if d.is_dir()) if partial_root.is_dir() else []
+    if not runs:
+        raise BenchError(f"no unfinished run in {root}: nothing to merge")
+    if len(runs) > 1:
+        raise BenchError(f"{len(runs)} unfinished runs in {root} ({', '.join(runs)}): pass --run-id")
+    return runs[0]
+
+
+def _missing_message(store: RunStore, manifest: dict[str, Any], missing: list[int]) -> str:
+    n_batches = int(manifest["n_batches"])
+    owners = []
+    for world in sorted({int(s.get("world", 1)) for s in _sessions(store)} - {1}):
+        ranks = sorted({b % world for b in missing})
+        owners.append(f"with {world} shards rank(s) {', '.join(str(r) for r in ranks)} own them")
+    hint = f" ({'; '.join(owners)})" if owners else ""
+    return (
+        f"run {store.run_id} ({manifest['spec']['model']}) is missing {len(missing)} of {n_batches} batches: "
+        f"{describe_batches(missing)}{hint}; re-run those shards with the same arguments, then merge again"
+    )
+
+
+def merge_run(results_dir: str | Path, run_id: str | None = None) -> tuple[dict[str, Any], Path, bool]:
+    """Assemble an unfinished run whose batches are all present. Returns (document, path, already_done)."""
+    started = time.time()
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise BenchError(f"results directory {root} does not exist")
+    run_id = _pick_run(root, run_id)
+    partial = root / ".partial" / run_id
+    manifest = _load_manifest(partial)
+    if manifest is None:
+        done = sorted(root.glob(f"*-{run_id}.json"))
+        if done:
+            from bench.records import read_record
+
+            return read_record(done[0]), done[0], True
+        if partial.is_dir():
+            raise BenchError(
+                f"run {run_id} has no manifest (started by an older deq-bench): "
+                "re-run `bench evaluate` with the same arguments to finish it"
+            )
+        raise BenchError(f"no run {run_id!r} in {root}")
+    store = RunStore(root, manifest["run_name"], run_id)
+    if (done_doc := store.finished()) is not None:
+        return done_doc, store.final_path, True
+    missing = missing_batches(store, int(manifest["n_batches"]))
+    if missing:
+        raise BenchError(_missing_message(store, manifest, missing))
+    document = assemble(store, manifest, device=None, started=started)
+    if document is None:
+        if (done_doc := store.finished()) is not None:  # a shard finished it meanwhile
+            return done_doc, store.final_path, True
+        raise BenchError(f"run {run_id}: a stage file (sweep or adversarial examples) is missing")
+    return document, store.final_path, False
+
+
+def merge_command(
+    results_dir: Annotated[str, typer.Option(help="The results directory the shards wrote to.")] = "results",
+    run_id: Annotated[
+        str | None, typer.Option(help="Which unfinished run (default: the only one there).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="Print only the record's path.")] = False,
+) -> None:
+    """Assemble a sharded run (SLURM array, --shard) from its batch files once every shard has finished."""
+    from bench.report import print_summary
+
+    document, path, reused = merge_run(results_dir, run_id)
+    if quiet:
+        print(path)
+        return
+    print_summary(document, path, reused)
