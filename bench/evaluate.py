@@ -111,10 +111,11 @@ def ready_made_estimator(loaded: LoadedModel) -> str:
 class Evaluator:
     """Builds the attacked views of one model and runs batches; holds nothing batch-specific."""
 
-    def __init__(self, model: nn.Module, eps: float, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, eps: float, device: torch.device, defense: Any = None) -> None:
         self.model = model
         self.eps = eps
         self.device = device
+        self.defense = defense  # an EntropyReduction, or None
         self.is_deq = _is_deq(model)
         self._views: dict[tuple[str, str], nn.Module] = {}
         self._checked: set[str] = set()
@@ -128,14 +129,36 @@ class Evaluator:
         return True
 
     def view(self, readout: str, estimator: str) -> nn.Module:
-        """The module an attack sees for (readout, estimator): value = readout, gradient = estimator."""
+        """The module an attack sees for (readout, estimator): value = readout, gradient = estimator.
+
+        With a defense, `mode@estimator` names an attack mode on it (see DEFENSE_MODES): `bpda@e` and
+        `adaptive@e` are views of the defended prediction; `transfer@e` crafts on the undefended model
+        (this view) and run_group judges the result with the defended prediction. A plain estimator is
+        the undefended model, as the white-box sweep uses it.
+        """
         if not self.is_deq:
             return self.model
         key = (readout, estimator)
         if key not in self._views:
-            from bench.deq.view import AttackView
+            mode, _, est = estimator.rpartition("@")
+            if mode and self.defense is None:
+                raise BenchError(f"estimator {estimator!r} names a defense attack mode but --defense is none")
+            if mode == "bpda":
+                from bench.defenses import BPDAView
 
-            self._views[key] = AttackView(self.model, readout=readout, estimator=estimator)
+                self._views[key] = BPDAView(self.model, self.defense, readout, est)
+            elif mode == "adaptive":
+                from bench.defenses import AdaptiveView
+
+                self._views[key] = AdaptiveView(self.model, self.defense, readout, est)
+            elif mode in ("", "transfer"):
+                from bench.deq.view import AttackView
+
+                self._views[key] = AttackView(self.model, readout=readout, estimator=est)
+            else:
+                raise BenchError(
+                    f"unknown defense attack mode {mode!r} in {estimator!r}; use {DEFENSE_MODES}"
+                )
         return self._views[key]
 
     def validate(self, readouts: tuple[str, ...], estimators: list[str]) -> None:
@@ -155,22 +178,57 @@ class Evaluator:
         return self._deq_pass(x, readouts)
 
     def _deq_pass(self, x: Tensor, readouts: tuple[str, ...]) -> dict[str, Any]:
-        from bench.deq.readouts import parse_readout, solve_model
-        from bench.deq.solvers import SolverSettings
+        """One solve (or one defended forward): every readout, every state's prediction and entropy."""
+        from bench.defenses import prediction_entropy
 
         model = self.model
-        model.begin_forward(x.shape[0])
-        u = model.inject(x)
-        traj = solve_model(model, u, SolverSettings.from_deploy(model.deploy), keep=None)
-        preds = {r: parse_readout(r).logits(model, traj, u).argmax(1) for r in readouts}
-        states = torch.stack([model.head(traj.state(t)).argmax(1) for t in range(1, traj.max_iter + 1)], 1)
-        return {"readouts": preds, "states": states, "solver": traj.stats()}
+        if self.defense is not None:
+            from bench.defenses import readout_logits
+            from bench.defenses.view import _as_readout
+
+            with torch.enable_grad():  # the defense's input steps need autograd
+                result = self.defense.run(model, x)
+            states_z = result.states
+            preds = {
+                r: readout_logits(model, states_z, _as_readout(r, self.defense)).argmax(1) for r in readouts
+            }
+            stats = result.stats()
+            stats.pop("f_evals"), stats.pop("f_backward")
+            rel, abs_ = result.rel_residual, result.abs_residual
+        else:
+            from bench.deq.readouts import parse_readout, solve_model
+            from bench.deq.solvers import SolverSettings
+
+            model.begin_forward(x.shape[0])
+            u = model.inject(x)
+            traj = solve_model(model, u, SolverSettings.from_deploy(model.deploy), keep=None)
+            states_z = [traj.state(t) for t in range(1, traj.max_iter + 1)]
+            preds = {r: parse_readout(r).logits(model, traj, u).argmax(1) for r in readouts}
+            stats = traj.stats()
+            rel, abs_ = traj.rel_residual, traj.abs_residual
+        logits = [model.head(z) for z in states_z]
+        stats["rel_trace"] = _rounded(rel)  # (B, T): the residual along the dynamics, per example
+        stats["abs_trace"] = _rounded(abs_)
+        return {
+            "readouts": preds,
+            "states": torch.stack([lg.argmax(1) for lg in logits], 1),
+            "entropy": torch.stack([prediction_entropy(lg) for lg in logits], 1),
+            "solver": stats,
+        }
 
     @torch.no_grad()
     def adversarial_pass(self, x_adv: Tensor, readouts: tuple[str, ...]) -> dict[str, Any]:
         if not self.is_deq:
             return {"readouts": {"final": self.model(x_adv).argmax(1)}, "states": None, "solver": None}
         return self._deq_pass(x_adv, readouts)
+
+
+DEFENSE_MODES = ("transfer", "bpda", "adaptive")
+
+
+def _rounded(t: Tensor, digits: int = 5) -> list[Any]:
+    """Floats for records, rounded to keep them small (per-step traces are diagnostics, not results)."""
+    return [[float(f"{v:.{digits}g}") for v in row] for row in t.detach().cpu().tolist()]
 
 
 def _tolist(t: Tensor) -> list[Any]:
@@ -219,6 +277,10 @@ def run_group(
             )
             res = suite.results[attack.name]
             warnings += [f"{attack.name} [{est}, {readout}]: {w}" for w in suite.warnings + res.warnings]
+            if est.startswith("transfer@"):  # crafted on the undefended model, judged by the defended one
+                from bench.defenses import judge
+
+                res.broken = judge(ev.model, ev.defense, res.x_adv, y, readout) & res.attacked
             broken = res.broken & todo
             newly_worst = broken | (res.attacked & ~have_worst)
             worst[newly_worst] = res.x_adv[newly_worst]
@@ -260,7 +322,8 @@ def run_batch(
         "clean": {r: {"pred": _tolist(p)} for r, p in clean["readouts"].items()},
     }
     if clean["states"] is not None:
-        out["clean_states"] = {"pred": _tolist(clean["states"])}  # (B, T): every state's prediction
+        # (B, T): every state's prediction and prediction entropy (nats), per example
+        out["clean_states"] = {"pred": _tolist(clean["states"]), "entropy": _rounded(clean["entropy"])}
         out["clean_solver"] = clean["solver"]
     attacks_cols: list[dict[str, Any]] = []
     adv: dict[str, Any] = {}
@@ -299,11 +362,42 @@ def run_batch(
                 entry: dict[str, Any] = {"pred": _tolist(post["readouts"][readout])}
                 if post["states"] is not None:
                     entry["states_pred"] = _tolist(post["states"])
+                    entry["states_entropy"] = _rounded(post["entropy"])
                     entry["solver"] = post["solver"]
                 adv[f"{protocol.name}|{group}|{readout}"] = entry
     out["attacks"] = attacks_cols
     out["adversarial"] = adv
-    return {"columns": out, "seconds": seconds, "warnings": warnings, "worst": worst_all}
+    result = {"columns": out, "seconds": seconds, "warnings": warnings, "worst": worst_all}
+    if first_batch:
+        result["sanity"] = batch_sanity(ev, plan, selection, x, y, clean)
+    return result
+
+
+def batch_sanity(
+    ev: Evaluator, plan: Plan, selection: dict[str, dict[str, list[str]]], x: Tensor, y: Tensor, clean: dict
+) -> dict[str, Any]:
+    """The first batch's checks: gradients of every attacked view, and an eps = 0 attack breaks nothing."""
+    from bench.sanity import eps_zero_check, gradient_check
+
+    rows = slice(0, min(len(x), 16))
+    gradients: dict[str, Any] = {}
+    for protocol in plan.protocols:
+        for readout in plan.readouts:
+            for est in selection[protocol.name][readout]:
+                key = f"{est} | {readout}"
+                if key not in gradients:
+                    gradients[key] = gradient_check(ev.view(readout, est), x[rows], y[rows])
+    first = plan.protocols[0]
+    readout = plan.readouts[0]
+    est = next(e for e in selection[first.name][readout] if not e.startswith("transfer@"))
+    clean_correct = clean["readouts"][readout][rows] == y[rows]
+    spec = next(iter(first.groups.values()))[0]
+    breaks = eps_zero_check(ev.view(readout, est), spec, x[rows], y[rows], clean_correct)
+    return {
+        "gradients": gradients,
+        "eps_zero_breaks": breaks,
+        "eps_zero_attack": f"{spec} [{est}, {readout}]",
+    }
 
 
 def _merge_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -445,6 +539,19 @@ def _dev_source(dataset: str, n_report: int, n_dev: int) -> str:
     return dataset
 
 
+def with_defense_modes(estimators: list[str]) -> list[str]:
+    """Every way the suite attacks a defended model, for the estimators chosen on the undefended one.
+
+    transfer@e (crafted on the undefended model, as the paper's code does), bpda@e (forward through the
+    defense, backward through e) and adaptive@bptt (end to end through the defense's input updates). The
+    reported number is their per-example worst case. Estimators that already name a mode are kept.
+    """
+    if any("@" in e for e in estimators):
+        return list(estimators)
+    modes = [f"{mode}@{e}" for mode in ("transfer", "bpda") for e in estimators]
+    return [*modes, "adaptive@bptt"]
+
+
 def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
     """Run (or resume, or reuse) one evaluation, or this process's shard of it.
 
@@ -459,8 +566,9 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
         raise BenchError("--batch-size must be at least 1")
     if cfg.force and shard.sharded:  # one shard's --force would delete the other shards' batches
         raise BenchError("--force cannot be used with shards: delete the run's record and .partial first")
-    if cfg.defense != "none":
-        raise BenchError(f"unknown defense {cfg.defense!r}; available: none")
+    from bench.defenses import parse_defense
+
+    defense = parse_defense(cfg.defense)
     loaded = load_model(cfg.model, cfg.checkpoint, random_weights=cfg.random_weights)
     entry = loaded.entry
     dataset = cfg.dataset or entry.dataset
@@ -476,7 +584,9 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
             f"{entry.name}'s {entry.input_shape}"
         )
     model = loaded.model.to(device).eval()
-    ev = Evaluator(model, eps, device)
+    ev = Evaluator(model, eps, device, defense)
+    if defense is not None and not ev.is_deq:
+        raise BenchError(f"--defense {cfg.defense} needs a DEQ model; {entry.name} is a {entry.family}")
     max_iter = model.deploy.max_iter if ev.is_deq else 0
     plan = build_plan(
         cfg.suite,
@@ -517,7 +627,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
         },
         "eps": eps,
         "plan": plan_dict,
-        "defense": cfg.defense,
+        "defense": defense.spec if defense is not None else "none",
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "save_adversarial": cfg.save_adversarial,
@@ -544,6 +654,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
         "data_source": data.source,
         "versions": _versions(),
         "git_commit": _git_commit(),
+        "defense_cost_per_example": defense.cost() if defense is not None else None,
     }
     save_manifest(store, run_name, spec, n_batches, manifest_provenance)  # what `bench merge` reads
     with process_group(shard, cfg.shard_timeout) as collective, reporter:
@@ -566,6 +677,12 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
                 stage = {"chosen": chosen, "table": table}
                 store.save_stage(sweep_stage, stage)
             selection[protocol.name] = stage["chosen"]
+        if defense is not None:
+            selection = {
+                p: {r: with_defense_modes(es) for r, es in sel.items()} for p, sel in selection.items()
+            }
+            for sel in selection.values():
+                ev.validate(plan.readouts, [e for es in sel.values() for e in es])
 
         units = sum(
             len(g) * len(selection[p.name][r])
@@ -590,6 +707,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
                 "columns": result["columns"],
                 "seconds": result["seconds"],
                 "warnings": result["warnings"],
+                "sanity": result.get("sanity"),
             }
             if cfg.save_adversarial:
                 _save_tensor(

@@ -68,6 +68,7 @@ def assemble(
 ) -> dict[str, Any] | None:
     """Build and write the record from the stage files; None if one is gone (another process finished)."""
     from bench.evaluate import _merge_batches, _save_tensor, summarize
+    from bench.sanity import flags_fired, square_check
 
     spec, n_batches = manifest["spec"], int(manifest["n_batches"])
     plan_dict = spec["plan"]
@@ -84,10 +85,13 @@ def assemble(
             return None
         selection[name], sweep_tables[name] = stage["chosen"], stage["table"]
     parts, seconds, warnings = [], {}, []
+    first_sanity: dict[str, Any] = {}
     for b in range(n_batches):
         stage = store.load_stage(batch_stage(b))
         if stage is None:
             return None
+        if b == 0:
+            first_sanity = stage.get("sanity") or {}
         parts.append(stage["columns"])
         for k, v in stage["seconds"].items():
             seconds[k] = seconds.get(k, 0.0) + v
@@ -95,12 +99,19 @@ def assemble(
 
     columns = _merge_batches(parts)
     sessions = _sessions(store)
+    sanity = {
+        **first_sanity,
+        "square": square_check(columns),
+        "autoattack_warnings": sorted(set(warnings)),
+    }
+    sanity["flags"] = flags_fired(sanity)
     results = {
         "selection": selection,
         "sweep": sweep_tables,
         "columns": columns,
         "summary": summarize(columns, plan_dict),
         "warnings": sorted(set(warnings)),
+        "sanity": sanity,
     }
     devices = sorted({str(s["device"]) for s in sessions if s.get("device")})
     provenance = {

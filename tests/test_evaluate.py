@@ -280,3 +280,39 @@ def test_unknown_model_suggests(micro, tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "did you mean 'deq-micro'" in proc.stderr
+
+
+def test_defended_model_is_attacked_in_all_three_modes(micro, tmp_path):
+    doc, _, _ = evaluate(
+        _cfg(
+            tmp_path,
+            suite="white-box",
+            defense="entropy-reduction:stages=2,steps=2",
+            attacks=["pgd:2"],
+            grads=["state:2:1:1"],
+            n_examples=4,
+            batch_size=4,
+        )
+    )
+    modes = {c["estimator"] for c in doc["results"]["columns"]["attacks"]}
+    assert modes == {"transfer@state:2:1:1", "bpda@state:2:1:1", "adaptive@bptt"}
+    assert doc["spec"]["defense"].startswith("entropy-reduction:stages=2,steps=2")
+    cost = doc["provenance"]["defense_cost_per_example"]
+    assert cost["f_forward"] > 0 if "f_forward" in cost else any(v > 0 for v in cost.values())
+    summary = doc["results"]["summary"]["readouts"]["final"]
+    assert summary["all_acc"] <= min(
+        g["robust_acc"] for p in summary["protocols"].values() for g in p["groups"].values()
+    )
+
+
+def test_record_carries_sanity_and_dynamics(micro, tmp_path):
+    doc, _, _ = evaluate(_cfg(tmp_path, suite="white-box", attacks=["pgd:2", "square:10"], grads=["exact"]))
+    sanity = doc["results"]["sanity"]
+    assert sanity["eps_zero_breaks"] == 0
+    grad = sanity["gradients"]["exact | final"]
+    assert grad["nonfinite"] == 0 and grad["zero"] < grad["n"]
+    assert isinstance(sanity["flags"], list)
+    cols = doc["results"]["columns"]
+    t = len(cols["clean_states"]["pred"][0])
+    assert t == 4 and all(len(row) == t for row in cols["clean_states"]["entropy"])
+    assert all(len(row) == t for row in cols["clean_solver"]["rel_trace"])
