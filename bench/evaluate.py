@@ -119,6 +119,10 @@ class Evaluator:
         self.is_deq = _is_deq(model)
         self._views: dict[tuple[str, str], nn.Module] = {}
         self._checked: set[str] = set()
+        self.aliases: dict[str, str] = {}  # readout names resolved at run time ("early" -> "state:t")
+
+    def resolve(self, readout: str) -> str:
+        return self.aliases.get(readout, readout)
 
     def claim_checks(self, readout: str) -> bool:
         """True the first time a readout is attacked: AutoAttack's model checks (randomness, output range,
@@ -138,6 +142,7 @@ class Evaluator:
         """
         if not self.is_deq:
             return self.model
+        readout = self.resolve(readout)
         key = (readout, estimator)
         if key not in self._views:
             mode, _, est = estimator.rpartition("@")
@@ -190,7 +195,8 @@ class Evaluator:
                 result = self.defense.run(model, x)
             states_z = result.states
             preds = {
-                r: readout_logits(model, states_z, _as_readout(r, self.defense)).argmax(1) for r in readouts
+                r: readout_logits(model, states_z, _as_readout(self.resolve(r), self.defense)).argmax(1)
+                for r in readouts
             }
             stats = result.stats()
             stats.pop("f_evals"), stats.pop("f_backward")
@@ -203,7 +209,7 @@ class Evaluator:
             u = model.inject(x)
             traj = solve_model(model, u, SolverSettings.from_deploy(model.deploy), keep=None)
             states_z = [traj.state(t) for t in range(1, traj.max_iter + 1)]
-            preds = {r: parse_readout(r).logits(model, traj, u).argmax(1) for r in readouts}
+            preds = {r: parse_readout(self.resolve(r)).logits(model, traj, u).argmax(1) for r in readouts}
             stats = traj.stats()
             rel, abs_ = traj.rel_residual, traj.abs_residual
         logits = [model.head(z) for z in states_z]
@@ -539,6 +545,36 @@ def _dev_source(dataset: str, n_report: int, n_dev: int) -> str:
     return dataset
 
 
+EARLY = "early"  # the readout whose state is chosen on the dev set (the papers' early-exit defense)
+
+
+def select_early_state(
+    ev: Evaluator, dev: ExampleSet, estimator: str, cfg: EvalConfig, reporter: Reporter
+) -> dict[str, Any]:
+    """The papers' early-exit selection: the state z[t] most robust on the dev set under ready-made PGD-10.
+
+    PGD-10 is crafted through the final readout with the model's own (ready-made) gradient; every state's
+    accuracy on those examples is measured and the best t is chosen (ties: the earliest state).
+    """
+    attack = parse_attack("pgd-10", ev.eps)
+    view = ev.view("final", estimator)
+    correct_per_state = None
+    reporter.start("early-state selection", (len(dev) + cfg.batch_size - 1) // cfg.batch_size)
+    for start in range(0, len(dev), cfg.batch_size):
+        x = dev.x[start : start + cfg.batch_size].to(ev.device)
+        y = dev.y[start : start + cfg.batch_size].to(ev.device)
+        seeds = _example_seeds(cfg.seed, "early-state", dev.indices[start : start + cfg.batch_size])
+        everyone = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        res = run_attacks(view, x, y, [attack], seeds, clean_correct=everyone, checks=False)
+        states = ev.adversarial_pass(res.results[attack.name].x_adv, ("final",))["states"]
+        ok = (states == y[:, None]).sum(0)
+        correct_per_state = ok if correct_per_state is None else correct_per_state + ok
+        reporter.advance("early-state selection", int(ok.max()), len(x))
+    curve = [100.0 * int(c) / len(dev) for c in correct_per_state]
+    best = max(range(len(curve)), key=lambda i: (curve[i], -i))
+    return {"t": best + 1, "readout": f"state:{best + 1}", "pgd10_acc_per_state": curve, "n_dev": len(dev)}
+
+
 def with_defense_modes(estimators: list[str]) -> list[str]:
     """Every way the suite attacks a defended model, for the estimators chosen on the undefended one.
 
@@ -598,6 +634,10 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
         readouts=cfg.readouts,
         n_dev=cfg.n_dev,
     )
+    if EARLY in plan.readouts:
+        if not ev.is_deq:
+            raise BenchError("the early-state readout needs a DEQ model")
+        ev.aliases[EARLY] = "final"  # a stand-in until the dev set has chosen the state
     for protocol in plan.protocols:  # fail on a bad spec before any work
         for group in protocol.groups.values():
             for spec in group:
@@ -606,6 +646,8 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
     plan_dict = plan_to_dict(plan)
     dev: ExampleSet | None = None
     sweep_n = max((p.sweep.n_dev for p in plan.protocols if p.sweep), default=0)
+    if EARLY in plan.readouts:
+        sweep_n = max(sweep_n, cfg.n_dev or (16 if cfg.suite == "quick" else 100))
     if sweep_n:
         dev = load_dev_set(
             _dev_source(dataset, len(data), sweep_n), sweep_n, len(data), cfg.data_dir, cfg.download
@@ -658,6 +700,18 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
     }
     save_manifest(store, run_name, spec, n_batches, manifest_provenance)  # what `bench merge` reads
     with process_group(shard, cfg.shard_timeout) as collective, reporter:
+        if EARLY in plan.readouts:
+            stage = store.load_stage("early-state")
+            if stage is None and shard.rank != 0:
+                stage = wait_for(
+                    lambda: store.load_stage("early-state"),
+                    "rank 0's early-state selection",
+                    cfg.shard_timeout,
+                )
+            if stage is None:
+                stage = select_early_state(ev, dev, ready_made_estimator(loaded), cfg, reporter)
+                store.save_stage("early-state", stage)
+            ev.aliases[EARLY] = stage["readout"]
         selection: dict[str, dict[str, list[str]]] = {}
         for protocol in plan.protocols:
             if protocol.sweep is None:

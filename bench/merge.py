@@ -113,6 +113,9 @@ def assemble(
         "warnings": sorted(set(warnings)),
         "sanity": sanity,
     }
+    early = store.load_stage("early-state")
+    if early is not None:  # the readout "early" is head(z[t]) with this t, chosen on the dev set
+        results["early_state"] = early
     devices = sorted({str(s["device"]) for s in sessions if s.get("device")})
     provenance = {
         **manifest["provenance"],

@@ -316,3 +316,26 @@ def test_record_carries_sanity_and_dynamics(micro, tmp_path):
     t = len(cols["clean_states"]["pred"][0])
     assert t == 4 and all(len(row) == t for row in cols["clean_states"]["entropy"])
     assert all(len(row) == t for row in cols["clean_solver"]["rel_trace"])
+
+
+def test_early_state_is_chosen_on_the_dev_set(micro, tmp_path):
+    doc, _, _ = evaluate(
+        _cfg(
+            tmp_path,
+            suite="white-box",
+            readouts=["early", "final"],
+            attacks=["pgd:2"],
+            grads=["state:2:1:1"],
+            n_examples=4,
+            batch_size=4,
+            n_dev=8,
+        )
+    )
+    early = doc["results"]["early_state"]
+    curve = early["pgd10_acc_per_state"]
+    assert len(curve) == 4 and early["n_dev"] == 8
+    assert curve[early["t"] - 1] == max(curve) and early["readout"] == f"state:{early['t']}"
+    cols = doc["results"]["columns"]
+    # the early readout's clean prediction is the chosen state's prediction
+    states = cols["clean_states"]["pred"]
+    assert cols["clean"]["early"]["pred"] == [row[early["t"] - 1] for row in states]
