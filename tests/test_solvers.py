@@ -273,3 +273,12 @@ def test_rowsum_is_a_sum_and_batch_invariant():
     big = torch.randn(5, 70001, generator=gen)
     full = rowsum(big)
     assert all(torch.equal(rowsum(big[i : i + 1]), full[i : i + 1]) for i in range(5))
+
+
+def test_in_place_row_sums_match_rowsum_bit_for_bit():
+    from bench.deq.solvers import _rowsum_consuming
+
+    gen = torch.Generator().manual_seed(1)
+    for d in (1, 2, 3, 7, 64, 1001):
+        x = torch.randn(2, 3, d, generator=gen)
+        assert torch.equal(_rowsum_consuming(x.clone()), rowsum(x))

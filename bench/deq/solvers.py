@@ -64,12 +64,24 @@ def rowsum(x: Tensor) -> Tensor:
     return x[..., 0]
 
 
+def _rowsum_consuming(x: Tensor) -> Tensor:
+    """`rowsum` in place in x's own storage (same pairs, same bits); x must be a private temporary."""
+    n = x.shape[-1]
+    while n > 1:
+        half = n // 2
+        x[..., :half].add_(x[..., half : 2 * half])
+        if n % 2:
+            x[..., :1].add_(x[..., n - 1 : n])
+        x, n = x[..., :half], half
+    return x[..., 0]
+
+
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
-    return rowsum(a * b)
+    return _rowsum_consuming(a * b)
 
 
 def rownorm(x: Tensor) -> Tensor:
-    return rowsum(x * x).sqrt()
+    return _rowsum_consuming(x * x).sqrt()
 
 
 def _dots(vectors: Tensor, x: Tensor) -> Tensor:
@@ -79,7 +91,7 @@ def _dots(vectors: Tensor, x: Tensor) -> Tensor:
     (fewer kernel launches). Both reduce every row with the same pairwise pattern, so the bits agree.
     """
     if vectors.is_cuda or vectors.shape[1] <= 1:
-        return rowsum(vectors * x[:, None])
+        return _rowsum_consuming(vectors * x[:, None])
     return torch.stack([rowdot(vectors[:, j], x) for j in range(vectors.shape[1])], dim=1)
 
 
