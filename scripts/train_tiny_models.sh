@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The exact commands that produced checkpoints/{deq-tiny,deq-tiny-ris,resnet-tiny}.safetensors
+# (recipes: bench/train_recipes.py, presets fmnist-tiny-*; provenance: checkpoints/README.md).
+# Each run uses one CPU thread; the three runs were started side by side.
+# Training states and logs go to scratch/ (git-ignored); rerun a command with --resume to continue.
+# `python -m bench.train` takes the same options as `bench train`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+mkdir -p scratch checkpoints
+
+run() {  # name preset [extra options]
+    local name=$1 preset=$2
+    shift 2
+    "$PY" -m bench.train --preset "$preset" --threads 1 --quiet \
+        --out "checkpoints/$name.safetensors" --state "scratch/$name.state.pt" \
+        --log "scratch/train-$name.log" "$@"
+}
+
+case "${1:-all}" in
+    deq-tiny) run deq-tiny fmnist-tiny-deq "${@:2}" ;;
+    deq-tiny-ris) run deq-tiny-ris fmnist-tiny-deq-ris "${@:2}" ;;
+    resnet-tiny) run resnet-tiny fmnist-tiny-resnet "${@:2}" ;;
+    all)
+        run deq-tiny fmnist-tiny-deq &
+        run deq-tiny-ris fmnist-tiny-deq-ris &
+        run resnet-tiny fmnist-tiny-resnet &
+        wait
+        ;;
+    *) echo "usage: $0 [all|deq-tiny|deq-tiny-ris|resnet-tiny] [extra bench train options]" >&2; exit 2 ;;
+esac
