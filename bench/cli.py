@@ -168,11 +168,13 @@ from bench.check import check_command  # noqa: E402
 from bench.leaderboard import leaderboard_command  # noqa: E402  (no heavy imports at module level)
 from bench.merge import merge_command  # noqa: E402
 from bench.plots import plot_command  # noqa: E402
+from bench.train import train_command  # noqa: E402
 
 app.command("leaderboard")(leaderboard_command)
 app.command("check")(check_command)
 app.command("merge")(merge_command)
 app.command("plot")(plot_command)
+app.command("train")(train_command)
 
 
 def _fail(message: str) -> None:
