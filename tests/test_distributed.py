@@ -30,24 +30,6 @@ from bench.merge import merge_run
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from micro_models import write_micro_registry  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    root = tmp_path_factory.mktemp("micro")
-    registry = write_micro_registry(root)
-    old = os.environ.get("DEQ_BENCH_EXTRA_REGISTRY")
-    os.environ["DEQ_BENCH_EXTRA_REGISTRY"] = str(registry)
-    from bench.registry import registry as cached
-
-    cached.cache_clear()
-    yield registry
-    if old is None:
-        os.environ.pop("DEQ_BENCH_EXTRA_REGISTRY", None)
-    else:
-        os.environ["DEQ_BENCH_EXTRA_REGISTRY"] = old
-    cached.cache_clear()
 
 
 def _env(micro) -> dict[str, str]:
