@@ -64,6 +64,18 @@ FMNIST_TINY: dict[str, Any] = {
     "val_pgd_steps": 5,
 }
 
+FMNIST_TINY_DEQ: dict[str, Any] = {
+    **FMNIST_TINY,
+    "architecture": "mdeq",
+    "config": {"preset": "tiny"},
+    "deploy": dict(TINY_DEQ_DEPLOY),
+    "grad": "unroll:2:0.5",
+    "pretrain_steps": 100,
+    "pretrain_layers": 6,
+    "jac_prob": 0.02,
+    "jac_weight": 0.4,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-deq-large": {**PAPER_DEQ, "architecture": "mdeq", "config": {"preset": "large"}},
     "paper-deq-xl": {**PAPER_DEQ, "architecture": "mdeq", "config": {"preset": "xl"}},
@@ -73,29 +85,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "config": {"preset": "large"},
         "random_state": True,
     },
-    "fmnist-tiny-deq": {
-        **FMNIST_TINY,
-        "architecture": "mdeq",
-        "config": {"preset": "tiny"},
-        "deploy": dict(TINY_DEQ_DEPLOY),
-        "grad": "unroll:2:0.5",
-        "pretrain_steps": 100,
-        "pretrain_layers": 6,
-        "jac_prob": 0.02,
-        "jac_weight": 0.4,
-    },
-    "fmnist-tiny-deq-ris": {
-        **FMNIST_TINY,
-        "architecture": "mdeq",
-        "config": {"preset": "tiny"},
-        "deploy": dict(TINY_DEQ_DEPLOY),
-        "grad": "unroll:2:0.5",
-        "pretrain_steps": 100,
-        "pretrain_layers": 6,
-        "jac_prob": 0.02,
-        "jac_weight": 0.4,
-        "random_state": True,
-    },
+    "fmnist-tiny-deq": FMNIST_TINY_DEQ,
+    "fmnist-tiny-deq-ris": {**FMNIST_TINY_DEQ, "random_state": True},
     "fmnist-tiny-resnet": {
         **FMNIST_TINY,
         "architecture": "small-resnet",
