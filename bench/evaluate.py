@@ -188,14 +188,13 @@ class Evaluator:
 
         model = self.model
         if self.defense is not None:
-            from bench.defenses import readout_logits
-            from bench.defenses.view import _as_readout
+            from bench.defenses import defended_readout, readout_logits
 
             with torch.enable_grad():  # the defense's input steps need autograd
                 result = self.defense.run(model, x)
             states_z = result.states
             preds = {
-                r: readout_logits(model, states_z, _as_readout(self.resolve(r), self.defense)).argmax(1)
+                r: readout_logits(model, states_z, defended_readout(self.resolve(r), self.defense)).argmax(1)
                 for r in readouts
             }
             stats = result.stats()

@@ -7,7 +7,9 @@ architecture only has to say what one application of each part computes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +66,14 @@ class DEQClassifier(nn.Module):
         Variational dropout draws one mask here (train mode only) that every solver iteration and unroll
         step of the forward then shares. The default has no per-forward state.
         """
+
+    def weights_cached(self) -> contextlib.AbstractContextManager[Any]:
+        """A context in which weights derived from parameters (weight norm) are computed once.
+
+        Wrap one forward at most (solve, readout and estimator surrogate): the cache must not outlive a
+        parameter update. The default derives nothing.
+        """
+        return contextlib.nullcontext()
 
     def forward(self, x: Tensor) -> Tensor:
         """The deployed prediction (final readout) with no gradient path through the solver.

@@ -25,7 +25,9 @@ would not match their own strided convolutions.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any
 
@@ -519,11 +521,17 @@ class MDEQ(DEQClassifier):
             z = self.f(z, u)
         return self.head(z)
 
-    def weights_cached(self) -> Any:
+    @contextlib.contextmanager
+    def weights_cached(self) -> Iterator[None]:
         """A context in which each weight-normed weight is computed once and reused by every f call.
 
-        The papers' code likewise recomputes the weights once per forward. Wrap one forward (solve and
-        estimator) at most: the cache must not outlive a parameter update. Outside it, f recomputes the
-        weights on every call.
+        The papers' code likewise recomputes the weights once per forward. The weights are computed on
+        entry with autograd on, so a solve under no_grad inside the context still leaves the estimator's
+        surrogate differentiable in the parameters. Wrap one forward (solve and estimator) at most: the
+        cache must not outlive a parameter update. Outside it, f recomputes the weights on every call.
         """
-        return parametrize.cached()
+        with parametrize.cached():
+            with torch.enable_grad():
+                for conv in self.fullstage.weight_normed_convs() if self.config.wnorm else []:
+                    conv.weight  # noqa: B018 - the access fills the cache
+            yield

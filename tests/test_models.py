@@ -4,6 +4,7 @@ conversion, and the RobustBench baselines against RobustBench's own definitions.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import replace
 from pathlib import Path
@@ -555,3 +556,29 @@ def test_factory_errors_are_bench_errors_naming_the_valid_choices() -> None:
         build_architecture("wrn34-10", {"depth": 28})
     with pytest.raises(BenchError, match="bad MDEQ config"):
         build_architecture("mdeq", {"preset": "test", "channels": ["four", 8]})
+
+
+def test_attack_view_caches_weights_without_losing_parameter_gradients() -> None:
+    """AttackView computes the weight-normed weights once per forward; x and parameter gradients agree
+    with the uncached computation (the cache is filled with autograd on, so the no-grad solve inside it
+    does not cut the surrogate off from the parameters)."""
+    from bench.deq.view import AttackView
+
+    torch.manual_seed(10)
+    model = randomise_(MDEQ(THREE_BRANCH)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    v = model.fullstage.branches[0].blocks[0].conv1.parametrizations.weight.original1
+
+    def grads(view: AttackView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xg = x.clone().requires_grad_(True)
+        v.grad = None
+        out = view(xg)
+        out[:, 0].sum().backward()
+        return out.detach(), xg.grad, v.grad.clone()
+
+    cached = grads(AttackView(model, "final", "state:2:1:0.5"))
+    model.weights_cached = contextlib.nullcontext  # type: ignore[method-assign]
+    plain = grads(AttackView(model, "final", "state:2:1:0.5"))
+    assert plain[2].abs().sum() > 0
+    for a, b in zip(cached, plain, strict=True):
+        torch.testing.assert_close(a, b)

@@ -8,7 +8,15 @@ and `AdaptiveView` attack it. The early-state and ensemble defenses are readouts
 
 from bench.defenses.entropy import DefendedResult, EntropyReduction, prediction_entropy
 from bench.defenses.specs import GRAMMAR, parse_defense
-from bench.defenses.view import BPTT, AdaptiveView, BPDAView, defended_logits, judge, readout_logits
+from bench.defenses.view import (
+    BPTT,
+    AdaptiveView,
+    BPDAView,
+    defended_logits,
+    defended_readout,
+    judge,
+    readout_logits,
+)
 
 __all__ = [
     "BPTT",
@@ -18,6 +26,7 @@ __all__ = [
     "DefendedResult",
     "EntropyReduction",
     "defended_logits",
+    "defended_readout",
     "judge",
     "parse_defense",
     "prediction_entropy",

@@ -48,7 +48,7 @@ def _as_defense(defense: EntropyReduction | str) -> EntropyReduction:
     return parsed
 
 
-def _as_readout(readout: Readout | str, defense: EntropyReduction) -> Readout:
+def defended_readout(readout: Readout | str, defense: EntropyReduction) -> Readout:
     """The readout, checked against the defended trajectory's N T_f states."""
     parsed = parse_readout(readout) if isinstance(readout, str) else readout
     if isinstance(parsed, StateReadout) and parsed.t > defense.n_states:
@@ -91,7 +91,7 @@ def defended_logits(
 ) -> Tensor:
     """The defended prediction's logits (no gradient)."""
     defense = _as_defense(defense)
-    parsed = _as_readout(readout, defense)
+    parsed = defended_readout(readout, defense)
     result = defense.run(model, x)
     with torch.no_grad():
         return readout_logits(model, result.states, parsed)
@@ -120,7 +120,7 @@ class _DefendedView(nn.Module):
         super().__init__()
         self.model = model
         self.defense = _as_defense(defense)
-        self.readout = _as_readout(readout, self.defense)
+        self.readout = defended_readout(readout, self.defense)
         self.last_result: DefendedResult | None = None
         self.last_stats: dict[str, Any] = {}
 

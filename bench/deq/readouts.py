@@ -169,7 +169,7 @@ FINAL = FinalReadout()
 
 def deployed_logits(model: Any, x: Tensor) -> Tensor:
     """The deployed prediction of a DEQ (model.deploy's solver, final readout), without gradient."""
-    with torch.no_grad():
+    with torch.no_grad(), model.weights_cached():
         model.begin_forward(x.shape[0])
         u = model.inject(x)
         traj = solve_model(model, u, SolverSettings.from_deploy(model.deploy), keep=())

@@ -50,6 +50,10 @@ class AttackView(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         model = self.model
         model.begin_forward(x.shape[0])
+        with model.weights_cached():  # one weight-norm computation for the solve, readout and surrogate
+            return self._forward(model, x)
+
+    def _forward(self, model: Any, x: Tensor) -> Tensor:
         with torch.no_grad():
             u_value = model.inject(x)
             traj = solve_model(model, u_value, self.settings, keep=self.keep)
