@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from pyautoattack import checks
@@ -157,6 +158,21 @@ def _spec(base: str, fields: list[int], defaults: list[int]) -> str:
     return ":".join([base, *map(str, fields)])
 
 
+def _apgd_settings(attack: APGD | APGDT, seed: int, x: Tensor) -> dict[str, Any]:
+    """The keyword arguments APGD and APGD-T share: AutoAttack-standard L-inf settings, no EOT."""
+    return {
+        "n_iter": attack.n_iter,
+        "norm": "Linf",
+        "n_restarts": attack.restarts,
+        "eps": attack.eps,
+        "seed": seed,
+        "eot_iter": 1,
+        "rho": attack.rho,
+        "device": x.device,
+        "logger": _LOGGER,
+    }
+
+
 class APGD(_PyAutoAttack):
     """Untargeted APGD on the cross-entropy ('apgd-ce') or DLR ('apgd-dlr') loss."""
 
@@ -177,19 +193,7 @@ class APGD(_PyAutoAttack):
     def _run(self, model: CallCounter, x: Tensor, y: Tensor, seed: int) -> Tensor:
         if self.loss == "dlr" and (n := _num_classes(model.model, x)) < 3:
             raise BenchError(f"apgd-dlr needs at least 3 classes; the model has {n}")
-        attack = APGDAttack(
-            model,
-            n_iter=self.n_iter,
-            norm="Linf",
-            n_restarts=self.restarts,
-            eps=self.eps,
-            seed=seed,
-            loss=self.loss,
-            eot_iter=1,
-            rho=self.rho,
-            device=x.device,
-            logger=_LOGGER,
-        )
+        attack = APGDAttack(model, loss=self.loss, **_apgd_settings(self, seed, x))
         return attack.perturb(x, y)
 
 
@@ -215,19 +219,8 @@ class APGDT(_PyAutoAttack):
             raise BenchError(
                 f"apgd-t (targeted DLR loss) needs at least 4 classes; the model has {n_classes}"
             )
-        attack = APGDAttack_targeted(
-            model,
-            n_iter=self.n_iter,
-            norm="Linf",
-            n_restarts=self.restarts,
-            eps=self.eps,
-            seed=seed,
-            eot_iter=1,
-            rho=self.rho,
-            n_target_classes=_capped_targets(self.family, self.targets, n_classes),
-            device=x.device,
-            logger=_LOGGER,
-        )
+        targets = _capped_targets(self.family, self.targets, n_classes)
+        attack = APGDAttack_targeted(model, n_target_classes=targets, **_apgd_settings(self, seed, x))
         return attack.perturb(x, y)
 
 
