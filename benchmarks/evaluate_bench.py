@@ -11,7 +11,8 @@ Two measurements (issue "bench evaluate", benchmark):
 2. `bench evaluate --suite white-box` end to end on a model (e.g. deq-tiny), examples per second.
 
     .venv/bin/python benchmarks/evaluate_bench.py papers [--n 64] [--batch 32]
-    .venv/bin/python benchmarks/evaluate_bench.py suite --model deq-tiny [--n 50]
+    .venv/bin/python benchmarks/evaluate_bench.py suite --model deq-tiny [--n 50] [--n-dev 100]
+    .venv/bin/python benchmarks/evaluate_bench.py suite --model deq-large --n 4 --batch 4 --n-dev 4  (random weights)
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ def papers(n: int, batch: int, threads: int) -> None:
     print("clean % is 100 by construction: labels = the clean predictions, so every example is attacked")
 
 
-def suite(model_name: str, n: int, batch: int, threads: int) -> None:
+def suite(model_name: str, n: int, batch: int, threads: int, n_dev: int | None) -> None:
     from bench.evaluate import EvalConfig, evaluate
+    from bench.registry import get_entry
 
     torch.set_num_threads(threads)
+    random_weights = get_entry(model_name).family == "deq" and not get_entry(model_name).checkpoint.registered
     with tempfile.TemporaryDirectory() as tmp:
         cfg = EvalConfig(
             model=model_name,
@@ -84,15 +87,21 @@ def suite(model_name: str, n: int, batch: int, threads: int) -> None:
             results_dir=tmp,
             quiet=True,
             device="cpu",
+            n_dev=n_dev,
+            random_weights=random_weights,
         )
         start = time.perf_counter()
         doc, _, _ = evaluate(cfg)
         seconds = time.perf_counter() - start
     s = doc["results"]["summary"]["readouts"]["final"]
+    walls = doc["provenance"].get("wall_seconds", {})
     print(
-        f"{model_name}: white-box suite, n {n}: {seconds:.1f} s, {n / seconds:.3f} examples/s "
+        f"{model_name}{' (random weights)' if random_weights else ''}: white-box suite, n {n}, "
+        f"n_dev {n_dev if n_dev is not None else 'default'}: {seconds:.1f} s, {n / seconds:.4f} examples/s "
         f"(dev sweep included); clean {s['clean_acc']:.1f}%, All {s['all_acc']:.1f}%"
     )
+    if walls:
+        print("wall seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in walls.items()))
 
 
 def main() -> None:
@@ -109,11 +118,12 @@ def main() -> None:
     s.add_argument("--n", type=int, default=50)
     s.add_argument("--batch", type=int, default=50)
     s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--n-dev", type=int, default=None)
     args = parser.parse_args()
     if args.what == "papers":
         papers(args.n, args.batch, args.threads)
     else:
-        suite(args.model, args.n, args.batch, args.threads)
+        suite(args.model, args.n, args.batch, args.threads, args.n_dev)
 
 
 if __name__ == "__main__":
