@@ -10,9 +10,17 @@ Two measurements (issue "bench evaluate", benchmark):
    a speed-up only counts at equal or lower robust accuracy.
 2. `bench evaluate --suite white-box` end to end on a model (e.g. deq-tiny), examples per second.
 
+The "papers" column holds the issue's figures. To measure the papers' code itself on the same machine,
+threads and batch, run benchmarks/papers_code_bench.py with a checkout of their repository: on this
+2-core CPU (1 thread, batch 8, n 16) it took 3.71 s (state-7) and 5.07 s (exact) per example, not
+0.70 / 1.05 s, and one MDEQ-Large f costs about the same in both implementations (18-19 ms per example).
+Their attack needs 11 f per PGD step; ours 21 (9 solve + 10 for the deployed prediction's refinement, which
+the papers' attack never computes because it judges success on the estimator's logits) plus the same
+gradient work, so on a model where few examples break early ours cannot be faster per example.
+
     .venv/bin/python benchmarks/evaluate_bench.py papers [--n 64] [--batch 32]
     .venv/bin/python benchmarks/evaluate_bench.py suite --model deq-tiny [--n 50] [--n-dev 100]
-    .venv/bin/python benchmarks/evaluate_bench.py suite --model deq-large --n 4 --batch 4 --n-dev 4  (random weights)
+    .venv/bin/python benchmarks/evaluate_bench.py suite --model deq-large --n 4 --batch 4 --n-dev 4
 """
 
 from __future__ import annotations
