@@ -43,9 +43,9 @@ from bench.errors import BenchError
 from bench.io import atomic_write_bytes
 from bench.merge import assemble, batch_stage, missing_batches, record_session, save_manifest
 from bench.progress import Reporter
-from bench.records import SCHEMA_VERSION, RunStore, concat_columns, derive_seed, run_id_of
+from bench.records import SCHEMA_VERSION, RunStore, SweepCache, concat_columns, derive_seed, run_id_of
 from bench.registry import LoadedModel, load_model, parse_eps
-from bench.suites import AUTOGRAD, Plan, Protocol, build_plan, plan_to_dict
+from bench.suites import AUTOGRAD, Plan, Protocol, build_plan, plan_to_dict, protocol_dict
 
 
 @dataclass
@@ -229,6 +229,22 @@ class Evaluator:
 
 
 DEFENSE_MODES = ("transfer", "bpda", "adaptive")
+# the run-spec fields a white-box sweep depends on (with the sweep's settings and the readouts): runs that
+# share them share one sweep through SweepCache, whatever their reported examples, attacks or defense
+SWEEP_INPUTS = (
+    "schema",
+    "model",
+    "checkpoint_sha256",
+    "random_weights",
+    "dataset",
+    "dev",
+    "eps",
+    "batch_size",
+    "seed",
+    "device",
+    "deploy",
+    "code",
+)
 
 
 def _rounded(t: Tensor, digits: int = 5) -> list[Any]:
@@ -679,6 +695,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
     run_id = run_id_of(spec)
     run_name = entry.name.replace(":", "_").replace("/", "_")
     store = RunStore(cfg.results_dir, run_name, run_id)
+    sweeps = SweepCache(cfg.results_dir)
     if cfg.force:
         store.clear()
     elif (done := store.finished()) is not None:
@@ -725,9 +742,19 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
                     cfg.shard_timeout,
                 )
             if stage is None:
-                reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(plan.readouts))
-                chosen, table = select_estimators(ev, protocol, plan.readouts, dev, cfg, reporter)
-                stage = {"chosen": chosen, "table": table}
+                sweep_key = SweepCache.key(
+                    {
+                        **{k: spec[k] for k in SWEEP_INPUTS},
+                        "sweep": protocol_dict(protocol)["sweep"],
+                        "readouts": [[r, ev.resolve(r)] for r in plan.readouts],
+                    }
+                )
+                stage = None if cfg.force else sweeps.load(sweep_key)  # --force redoes the sweep too
+                if stage is None:
+                    reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(plan.readouts))
+                    chosen, table = select_estimators(ev, protocol, plan.readouts, dev, cfg, reporter)
+                    stage = {"chosen": chosen, "table": table, "key": sweep_key}
+                    sweeps.save(sweep_key, stage)
                 store.save_stage(sweep_stage, stage)
             selection[protocol.name] = stage["chosen"]
         if defense is not None:

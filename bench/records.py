@@ -76,6 +76,35 @@ class RunStore:
         self.final_path.unlink(missing_ok=True)
 
 
+class SweepCache:
+    """White-box sweeps shared between runs, in `<results>/.sweeps/<key>.json`.
+
+    A sweep's outcome depends on the model and its deployed solver, the development set, eps, seed, batch
+    plan, device, code version and the sweep's own settings; not on the reported examples, their attacks or
+    a defense. Runs that differ only in those reuse one sweep instead of repeating hours of PGD. The key
+    hashes exactly the inputs the caller passes (see `evaluate`), so any change in them computes anew.
+    """
+
+    def __init__(self, results_dir: str | Path) -> None:
+        self.dir = Path(results_dir) / ".sweeps"
+
+    @staticmethod
+    def key(inputs: dict[str, Any]) -> str:
+        return run_id_of(inputs)
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        path = self.dir / f"{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def save(self, key: str, payload: dict[str, Any]) -> None:
+        atomic_write_json(self.dir / f"{key}.json", payload)
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

@@ -126,24 +126,25 @@ def build_plan(
     return Plan(suite=suite, protocols=tuple(protocols), readouts=readouts_t)
 
 
+def protocol_dict(p: Protocol) -> dict[str, object]:
+    return {
+        "name": p.name,
+        "groups": {g: list(a) for g, a in p.groups.items()},
+        "estimators": list(p.estimators),
+        "sweep": None
+        if p.sweep is None
+        else {
+            "attack": p.sweep.attack,
+            "n_dev": p.sweep.n_dev,
+            "top_k": p.sweep.top_k,
+            "candidates": list(p.sweep.candidates),
+        },
+    }
+
+
 def plan_to_dict(plan: Plan) -> dict[str, object]:
     return {
         "suite": plan.suite,
         "readouts": list(plan.readouts),
-        "protocols": [
-            {
-                "name": p.name,
-                "groups": {g: list(a) for g, a in p.groups.items()},
-                "estimators": list(p.estimators),
-                "sweep": None
-                if p.sweep is None
-                else {
-                    "attack": p.sweep.attack,
-                    "n_dev": p.sweep.n_dev,
-                    "top_k": p.sweep.top_k,
-                    "candidates": list(p.sweep.candidates),
-                },
-            }
-            for p in plan.protocols
-        ],
+        "protocols": [protocol_dict(p) for p in plan.protocols],
     }

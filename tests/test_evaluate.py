@@ -112,6 +112,29 @@ def test_white_box_sweep_picks_estimators_on_a_disjoint_dev_set(micro, tmp_path)
     assert doc["spec"]["dev"]["indices"][0] >= 4  # the dev set is disjoint from the reported examples
 
 
+def test_runs_that_differ_only_in_reported_attacks_share_one_sweep(micro, tmp_path, monkeypatch):
+    import bench.evaluate as evaluate_module
+
+    first, _, _ = evaluate(_cfg(tmp_path, suite="quick", n_examples=4, batch_size=4, n_dev=4))
+    assert len(list((tmp_path / ".sweeps").glob("*.json"))) == 1
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the cached sweep should have been reused")
+
+    monkeypatch.setattr(evaluate_module, "select_estimators", no_sweep)
+    other, _, _ = evaluate(
+        _cfg(tmp_path, suite="quick", n_examples=4, batch_size=4, n_dev=4, attacks=["pgd:3"])
+    )
+    for key in ("sweep", "selection"):
+        assert other["results"][key] == first["results"][key]
+    with pytest.raises(AssertionError, match="cached sweep"):  # a changed sweep input computes anew
+        evaluate(_cfg(tmp_path, suite="quick", n_examples=4, batch_size=4, n_dev=4, seed=1))
+    with pytest.raises(AssertionError, match="cached sweep"):  # and so does --force
+        evaluate(
+            _cfg(tmp_path, suite="quick", n_examples=4, batch_size=4, n_dev=4, attacks=["pgd:3"], force=True)
+        )
+
+
 def test_summarize_is_the_per_example_and():
     cols = {
         "label": [0, 0, 0, 0],
