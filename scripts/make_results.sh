@@ -14,6 +14,12 @@ for m in deq-tiny deq-tiny-ris; do
   $B evaluate --model "$m" --suite quick --n-examples 20 --batch-size 20 --defense entropy-reduction --quiet
   $B evaluate --model "$m" --suite quick --n-examples 20 --batch-size 20 --quiet
 done
+# issue #6's Done-when: the full white-box suite (standard AutoAttack budgets) through the defense, at CPU
+# sizes: 5 examples defended (about an hour on one core: three attack modes x two estimators), 10 undefended
+for d in entropy-reduction none; do
+  n=$([ "$d" = none ] && echo 10 || echo 5)
+  $B evaluate --model deq-tiny --suite white-box --n-examples "$n" --n-dev 32 --batch-size 5 --defense "$d" --quiet
+done
 $B leaderboard --format md --output results/leaderboard.md
 $B leaderboard --format html --output results/leaderboard.html
 $B leaderboard --format json --output results/leaderboard.json
