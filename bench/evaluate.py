@@ -517,6 +517,34 @@ def select_estimators(
     return chosen, table
 
 
+def cached_sweep(
+    ev: Evaluator,
+    protocol: Protocol,
+    readouts: tuple[str, ...],
+    dev: ExampleSet,
+    cfg: EvalConfig,
+    reporter: Reporter,
+    spec: dict[str, Any],
+    sweeps: SweepCache,
+) -> dict[str, Any]:
+    """The protocol's sweep stage from the cross-run cache, or computed and cached (--force recomputes)."""
+    key = SweepCache.key(
+        {
+            **{k: spec[k] for k in SWEEP_INPUTS},
+            "sweep": protocol_dict(protocol)["sweep"],
+            "readouts": [[r, ev.resolve(r)] for r in readouts],
+        }
+    )
+    stage = None if cfg.force else sweeps.load(key)
+    if stage is None:
+        assert protocol.sweep is not None
+        reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(readouts))
+        chosen, table = select_estimators(ev, protocol, readouts, dev, cfg, reporter)
+        stage = {"chosen": chosen, "table": table, "key": key}
+        sweeps.save(key, stage)
+    return stage
+
+
 def _save_tensor(path: Path, obj: Any) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -742,19 +770,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
                     cfg.shard_timeout,
                 )
             if stage is None:
-                sweep_key = SweepCache.key(
-                    {
-                        **{k: spec[k] for k in SWEEP_INPUTS},
-                        "sweep": protocol_dict(protocol)["sweep"],
-                        "readouts": [[r, ev.resolve(r)] for r in plan.readouts],
-                    }
-                )
-                stage = None if cfg.force else sweeps.load(sweep_key)  # --force redoes the sweep too
-                if stage is None:
-                    reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(plan.readouts))
-                    chosen, table = select_estimators(ev, protocol, plan.readouts, dev, cfg, reporter)
-                    stage = {"chosen": chosen, "table": table, "key": sweep_key}
-                    sweeps.save(sweep_key, stage)
+                stage = cached_sweep(ev, protocol, plan.readouts, dev, cfg, reporter, spec, sweeps)
                 store.save_stage(sweep_stage, stage)
             selection[protocol.name] = stage["chosen"]
         if defense is not None:

@@ -38,6 +38,17 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
+def _load_or_none(path: Path) -> dict[str, Any] | None:
+    """A stored stage or cached sweep; None when absent (or unreadable, which atomic writes rule out:
+    recompute rather than trust it)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
 class RunStore:
     """Where one run's document and its per-batch progress live."""
 
@@ -56,13 +67,7 @@ class RunStore:
         return self.partial_dir / f"{stage}.json"
 
     def load_stage(self, stage: str) -> dict[str, Any] | None:
-        path = self.stage_path(stage)
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None  # cannot happen with atomic writes; recompute rather than trust it
+        return _load_or_none(self.stage_path(stage))
 
     def save_stage(self, stage: str, payload: dict[str, Any]) -> None:
         atomic_write_json(self.stage_path(stage), payload)
@@ -93,13 +98,7 @@ class SweepCache:
         return run_id_of(inputs)
 
     def load(self, key: str) -> dict[str, Any] | None:
-        path = self.dir / f"{key}.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
+        return _load_or_none(self.dir / f"{key}.json")
 
     def save(self, key: str, payload: dict[str, Any]) -> None:
         atomic_write_json(self.dir / f"{key}.json", payload)
