@@ -2,7 +2,8 @@
 
 Flow per run: load model and data -> expand the suite into a Plan -> (white-box) pick estimators with a
 PGD sweep on a disjoint development set -> per batch: one clean solve feeds every readout, then every
-attack group runs its attacks in order on the survivors, each attack once per chosen estimator ->
+attack group runs its attacks in order on the survivors, each attack once per chosen estimator (a
+score-based one once per distinct forward) ->
 one JSON document with per-example columns. Each finished batch is saved, so a killed run resumes.
 
 Sharding (torchrun, SLURM arrays, --shard R/W; see bench/distributed.py and docs/distributed.md): each
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from bench import __version__
+from bench.attacks import Attack
 from bench.attacks.orchestrator import run_attacks
 from bench.attacks.specs import parse_attack
 from bench.data import ExampleSet, dataset_info, load_dataset, load_dev_set
@@ -166,6 +168,20 @@ class Evaluator:
                 )
         return self._views[key]
 
+    @staticmethod
+    def runs_of(attack: Attack, estimators: list[str]) -> list[str]:
+        """The estimators `attack` runs with: every one, or for a score-based attack (Square) the first of
+        each distinct forward. Its queries see forward values only, and every estimator's view of a readout
+        has the deployed prediction as its value (`bpda@` and `adaptive@` views the defended one), so a
+        second run would repeat the same attack with another seed: extra restarts, not another estimator.
+        """
+        if attack.uses_gradient:
+            return list(estimators)
+        first: dict[bool, str] = {}
+        for est in estimators:
+            first.setdefault(est.rpartition("@")[0] in ("bpda", "adaptive"), est)
+        return list(first.values())
+
     def validate(self, readouts: tuple[str, ...], estimators: list[str]) -> None:
         """Parse every readout and estimator up front so a typo fails before any work is done."""
         if not self.is_deq:
@@ -275,7 +291,8 @@ def run_group(
     first_batch: bool,
     reporter: Reporter,
 ) -> tuple[list[dict[str, Any]], Tensor, Tensor, dict[str, float], list[str]]:
-    """Run one group's attacks in order, each once per estimator, on the examples still robust.
+    """Run one group's attacks in order, each once per estimator (`Evaluator.runs_of`), on the examples
+    still robust.
 
     Returns the per-(attack, estimator) columns, the robust mask, the worst-case inputs (the adversarial
     example that broke each example, else the first attack's last iterate), wall times and warnings.
@@ -288,7 +305,7 @@ def run_group(
     warnings: list[str] = []
     for spec in attacks:
         attack = parse_attack(spec, ev.eps)
-        for est in estimators:
+        for est in ev.runs_of(attack, estimators):
             key = f"{protocol}|{group}|{attack.name}|{est}|{readout}"
             seeds = _example_seeds(seed, key, indices)
             todo = robust.clone()
@@ -781,10 +798,11 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
                 ev.validate(plan.readouts, [e for es in sel.values() for e in es])
 
         units = sum(
-            len(g) * len(selection[p.name][r])
+            len(Evaluator.runs_of(parse_attack(spec, eps), selection[p.name][r]))
             for p in plan.protocols
             for r in plan.readouts
             for g in p.groups.values()
+            for spec in g
         )
         reporter.start("attacks", len(mine) * units)
         ran: list[int] = []

@@ -60,7 +60,10 @@ def test_every_attack_estimator_readout_runs(micro, tmp_path):
     assert not reused and path.is_file()
     cols = doc["results"]["columns"]
     seen = {(c["attack"], c["estimator"], c["readout"]) for c in cols["attacks"]}
-    assert len(seen) == len(ATTACKS) * len(GRADS) * len(READOUTS)
+    gradient_attacks = [a for a in ATTACKS if not a.startswith("square")]
+    assert len(seen) == len(cols["attacks"]) == (len(gradient_attacks) * len(GRADS) + 1) * len(READOUTS)
+    # Square sees forward values only: it runs once per readout, labelled with the first estimator
+    assert {(e, r) for a, e, r in seen if a == "square:8"} == {(GRADS[0], r) for r in READOUTS}
     n = len(cols["index"])
     for c in cols["attacks"]:
         assert len(c["broken"]) == len(c["attacked"]) == len(c["linf"]) == n
@@ -308,6 +311,28 @@ def test_defended_model_is_attacked_in_all_three_modes(micro, tmp_path):
     assert summary["all_acc"] <= min(
         g["robust_acc"] for p in summary["protocols"].values() for g in p["groups"].values()
     )
+
+
+def test_score_based_attacks_run_once_per_distinct_forward(micro, tmp_path):
+    """Square through bpda@e1, bpda@e2 and adaptive@bptt would attack one function (the defended
+    prediction) three times; it runs once on it and once in transfer mode (the undefended prediction)."""
+    grads = ["state:2:1:1", "exact"]
+    doc, _, _ = evaluate(
+        _cfg(
+            tmp_path,
+            suite="white-box",
+            defense="entropy-reduction:stages=2,steps=2",
+            attacks=["pgd:2", "square:6"],
+            grads=grads,
+            n_examples=4,
+            batch_size=4,
+        )
+    )
+    runs: dict[str, list[str]] = {}
+    for c in doc["results"]["columns"]["attacks"]:
+        runs.setdefault(c["attack"], []).append(c["estimator"])
+    modes = [f"{m}@{e}" for m in ("transfer", "bpda") for e in grads] + ["adaptive@bptt"]
+    assert runs == {"pgd:2": modes, "square:6": ["transfer@state:2:1:1", "bpda@state:2:1:1"]}
 
 
 def test_record_carries_sanity_and_dynamics(micro, tmp_path):

@@ -49,6 +49,9 @@ class Attack(ABC):
 
     eps: float
     family: str  # 'pgd', 'apgd-ce', 'apgd-dlr', 'apgd-t', 'fab-t', 'square'
+    # False for score-based attacks (Square): they query forward values only, so two models with the same
+    # forward are one problem to them, whatever gradient each would give
+    uses_gradient: bool = True
 
     @property
     @abstractmethod

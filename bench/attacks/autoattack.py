@@ -263,6 +263,7 @@ class Square(_PyAutoAttack):
     """Square Attack: score-based black box on the margin loss, a check against gradient masking."""
 
     family = "square"
+    uses_gradient = False
 
     def __init__(self, eps: float, queries: int = 5000, p_init: float = 0.8, restarts: int = 1):
         self.eps = _check_eps(eps)
