@@ -8,6 +8,8 @@ the defended prediction bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from deq_toys import DTYPE, inputs, linear_toy, tanh_toy
@@ -248,6 +250,45 @@ def test_every_view_s_value_is_the_defended_prediction_and_gradients_differ(micr
     assert not torch.allclose(grads["bpda"], grads["adaptive-bptt"])
     assert not torch.allclose(grads["adaptive-state"], grads["adaptive-bptt"])
     assert torch.equal(judge(model, defense, x, y, readout), expected.argmax(1) != y)
+
+
+def test_defended_views_compute_weight_norm_once_per_forward_with_identical_results(micro):
+    """The defense runs about 40 f per forward; each weight-normed weight is computed once per view
+    forward, and values, input gradients and the bptt view's parameter gradients equal the uncached run's."""
+    model, x, y, _ = micro
+    x, y = x[:3], y[:3]
+    defense = EntropyReduction(stages=3, steps=3)
+    convs = model.fullstage.weight_normed_convs()
+    calls = [0]
+    hooks = [
+        c.parametrizations.weight[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        for c in convs
+    ]
+    v = convs[0].parametrizations.weight.original1
+
+    def run(view):
+        xg = x.clone().requires_grad_(True)
+        v.grad, calls[0] = None, 0
+        out = view(xg)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        return calls[0], out.detach(), xg.grad, None if v.grad is None else v.grad.clone()
+
+    views = (BPDAView(model, defense, "final", "state:5:2:1"), AdaptiveView(model, defense, "final"))
+    try:
+        cached = [run(view) for view in views]
+        model.weights_cached = contextlib.nullcontext  # type: ignore[method-assign]
+        plain = [run(view) for view in views]
+    finally:
+        del model.weights_cached
+        for h in hooks:
+            h.remove()
+    for (n_cached, *got), (n_plain, *want) in zip(cached, plain, strict=True):
+        assert n_cached == len(convs) < n_plain
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # value, input gradient
+        assert (got[2] is None) == (want[2] is None)
+        if got[2] is not None:  # one shared weight sums its gradient in another order than 40 copies
+            torch.testing.assert_close(got[2], want[2])
+    assert cached[1][3] is not None and cached[1][3].abs().sum() > 0  # bptt reaches the parameters
 
 
 def test_views_refuse_states_the_defense_does_not_have(micro):

@@ -140,6 +140,13 @@ class _DefendedView(nn.Module):
         delta = surrogate - surrogate.detach()
         return value + torch.where(torch.isfinite(surrogate), delta, torch.zeros_like(delta))
 
+    def forward(self, x: Tensor) -> Tensor:
+        with self.model.weights_cached():  # one weight-norm computation for the defense and surrogate
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def _check_estimator(self, estimator: Estimator) -> Estimator:
         estimator.check_steps(self.defense.n_states)
         return estimator
@@ -187,7 +194,7 @@ class BPDAView(_DefendedView):
             "backward_f_evals": cost["backward_f_evals"],
         }
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Tensor:
         model = self.model
         result = self.defense.run(model, x)
         self._record(result)
@@ -259,7 +266,7 @@ class AdaptiveView(_DefendedView):
             "backward_f_evals": cost["backward_f_evals"],
         }
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Tensor:
         model = self.model
         if not torch.is_grad_enabled():
             result = self.defense.run(model, x)
