@@ -97,15 +97,24 @@ def evaluate(
     eps: Annotated[
         str | None, typer.Option(help="L-inf budget, e.g. 8/255 or 0.1 (default per data set).")
     ] = None,
-    suite: Annotated[str, typer.Option(help="quick | ready-made | white-box | full")] = "quick",
+    suite: Annotated[str, typer.Option(help="quick | ready-made | white-box | full | lite")] = "quick",
     attacks: Annotated[
         str | None, typer.Option(help="Comma-separated attack specs (replaces the suite's).")
     ] = None,
     grads: Annotated[
         str | None, typer.Option(help="Comma-separated estimator specs (skips the sweep).")
     ] = None,
-    readouts: Annotated[str | None, typer.Option(help="Comma-separated readouts (default: final).")] = None,
-    defense: Annotated[str, typer.Option(help="Inference-time defense: none.")] = "none",
+    readouts: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated readouts (default: final); early = the dev set's best state."),
+    ] = None,
+    defense: Annotated[
+        str,
+        typer.Option(
+            help="none | entropy-reduction[:stages=4,steps=10,alpha=2/255,eps=8/255,solver_steps=2] "
+            "(attacked in transfer, BPDA and adaptive modes; the worst case is reported)."
+        ),
+    ] = "none",
     batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 50,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="Base seed of every attack's randomness.")] = 0,
