@@ -234,12 +234,15 @@ DRAW = {
 
 def save_figure(fig: Figure, stem: Path, formats: list[str]) -> list[Path]:
     """Write the figure in every format, each atomically (a reader never sees half a file)."""
+    import matplotlib
+
     from bench.io import atomic_write_bytes
 
     paths = []
     for fmt in formats:
         buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, metadata=_METADATA[fmt])
+        with matplotlib.rc_context({"svg.hashsalt": "deq-bench"}):  # SVG element ids: fixed, not random
+            fig.savefig(buf, format=fmt, metadata=_METADATA[fmt])
         path = stem.with_name(f"{stem.name}.{fmt}")
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)

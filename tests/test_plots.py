@@ -82,6 +82,9 @@ def test_png_and_svg_written_and_absent_traces_are_skipped(tmp_path: Path) -> No
     assert any("state-residual" in s and "clean_solver.rel_trace" in s for s in skipped)
     assert any("state-entropy" in s and "clean_states.entropy" in s for s in skipped)
     assert not list((tmp_path / "plots").glob(".*.tmp"))  # atomic writes leave no temp files
+    plot_run(path, json.loads(path.read_text()), tmp_path / "again", ["png", "svg"])
+    for name in names:  # the same record draws the same bytes (committed figures do not churn)
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "plots" / name).read_bytes(), name
 
 
 def test_trace_figures_when_the_record_has_the_arrays(tmp_path: Path) -> None:
