@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bench import __version__
 from bench.attacks import Attack
-from bench.attacks.orchestrator import run_attacks
+from bench.attacks.orchestrator import UNPERTURBED_MISCLASSIFIED, run_attacks
 from bench.attacks.specs import parse_attack
 from bench.data import ExampleSet, dataset_info, load_dataset, load_dev_set
 from bench.distributed import (
@@ -314,11 +314,14 @@ def run_group(
                 ev.view(readout, est), x, y, [attack], seeds, clean_correct=todo, checks=check
             )
             res = suite.results[attack.name]
-            warnings += [f"{attack.name} [{est}, {readout}]: {w}" for w in suite.warnings + res.warnings]
+            found = suite.warnings + res.warnings
             if est.startswith("transfer@"):  # crafted on the undefended model, judged by the defended one
                 from bench.defenses import judge
 
+                # rows picked by the defended prediction that the undefended one already gets wrong
+                found = [w for w in found if UNPERTURBED_MISCLASSIFIED not in w]
                 res.broken = judge(ev.model, ev.defense, res.x_adv, y, readout) & res.attacked
+            warnings += [f"{attack.name} [{est}, {readout}]: {w}" for w in found]
             broken = res.broken & todo
             newly_worst = broken | (res.attacked & ~have_worst)
             worst[newly_worst] = res.x_adv[newly_worst]

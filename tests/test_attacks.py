@@ -169,6 +169,23 @@ def test_sequential_suite_never_attacks_an_example_twice_once_broken() -> None:
     assert torch.equal(broken_before, breakable & suite.clean_correct)
 
 
+def test_rows_the_attacked_model_misclassifies_unperturbed_get_their_own_warning() -> None:
+    """A caller may select rows with another model (a defense's transfer mode): pyautoattack leaves the
+    rows the attacked model already misclassifies unchanged, which is not a misreported attack."""
+    from bench.attacks.orchestrator import UNPERTURBED_MISCLASSIFIED
+
+    model, x, y, _ = binary_problem(n=16)
+    y = y.clone()
+    y[-2:] = 1 - y[-2:]  # misclassified by this model, but passed in as clean-correct
+    everyone = torch.ones(16, dtype=torch.bool)
+    suite = run_attacks(
+        model, x, y, [parse_attack("apgd-ce:5", EPS)], torch.arange(16), everyone, checks=False
+    )
+    record = suite.results["apgd-ce:5"]
+    assert record.broken[-2:].all() and torch.equal(record.x_adv[-2:], x[-2:])
+    assert record.warnings == [f"apgd-ce:5: 2 {UNPERTURBED_MISCLASSIFIED}"]
+
+
 @pytest.mark.parametrize("independent", [True, False])
 def test_all_is_never_above_any_single_attack(independent: bool) -> None:
     model, x, y, _ = multiclass_problem(n=12)

@@ -22,6 +22,10 @@ from bench.attacks.autoattack import model_check_warnings, square_check_warnings
 from bench.errors import BenchError
 
 TOLERANCE = 1e-6  # floating slack allowed outside the eps-ball and [0,1] before clipping
+# An example the attacked model misclassifies before any perturbation, though `clean_correct` said otherwise:
+# expected when the caller selected the examples with another model (a defense's transfer mode); with the
+# same model, a clean prediction that changed with the batch's composition (a near-tie)
+UNPERTURBED_MISCLASSIFIED = "example(s) left unperturbed are misclassified on re-check by the attacked model"
 
 
 @dataclass
@@ -105,10 +109,13 @@ def _run_one(
         record.warnings.append(
             f"{attack.name}: {n} example(s) the attack reported broken are classified correctly on re-check"
         )
-    if (n := int((broken & ~claimed).sum())) > 0:
+    unperturbed = (x_adv == xs).flatten(1).all(1)
+    if (n := int((broken & ~claimed & ~unperturbed).sum())) > 0:
         record.warnings.append(
             f"{attack.name}: {n} example(s) the attack reported robust are misclassified on re-check"
         )
+    if (n := int((broken & ~claimed & unperturbed).sum())) > 0:
+        record.warnings.append(f"{attack.name}: {n} {UNPERTURBED_MISCLASSIFIED}")
     record.x_adv[idx] = x_adv
     record.broken[idx] = broken
     record.linf[idx] = linf_distance(x_adv, xs)
