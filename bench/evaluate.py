@@ -179,7 +179,7 @@ class Evaluator:
             return list(estimators)
         first: dict[bool, str] = {}
         for est in estimators:
-            first.setdefault(est.rpartition("@")[0] in ("bpda", "adaptive"), est)
+            first.setdefault(est.rpartition("@")[0] in DEFENDED_FORWARD_MODES, est)
         return list(first.values())
 
     def validate(self, readouts: tuple[str, ...], estimators: list[str]) -> None:
@@ -244,7 +244,8 @@ class Evaluator:
         return self._deq_pass(x_adv, readouts)
 
 
-DEFENSE_MODES = ("transfer", "bpda", "adaptive")
+DEFENDED_FORWARD_MODES = ("bpda", "adaptive")  # views whose value is the defended prediction
+DEFENSE_MODES = ("transfer", *DEFENDED_FORWARD_MODES)
 # the run-spec fields a white-box sweep depends on (with the sweep's settings and the readouts): runs that
 # share them share one sweep through SweepCache, whatever their reported examples, attacks or defense
 SWEEP_INPUTS = (

@@ -25,7 +25,6 @@ as the next stage's initial f (their code evaluates it twice).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -406,8 +405,7 @@ class EntropyReduction:
             return model.f(z, u)
 
         grad_mode = torch.enable_grad() if track_grad else torch.no_grad()
-        cached = getattr(model, "weights_cached", contextlib.nullcontext)
-        with grad_mode, cached():  # weight-normed weights once per defended forward, not once per f
+        with grad_mode, model.weights_cached():  # weight-normed weights once per defended forward, not per f
             xt = x
             inputs, signs = [x], []
             before, after = [], []
