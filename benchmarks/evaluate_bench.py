@@ -9,6 +9,9 @@ Two measurements (issue "bench evaluate", benchmark):
    knows which examples are already broken; those stop costing anything) and reports robust accuracy too:
    a speed-up only counts at equal or lower robust accuracy.
 2. `bench evaluate --suite white-box` end to end on a model (e.g. deq-tiny), examples per second.
+3. `defense`: one forward (no grad) and one forward+backward of each view an attack on the entropy-reduction
+   defense sees (the undefended AttackView for transfer, BPDAView, AdaptiveView bptt), per batch size, with
+   the weight-norm cache per forward and without it (recomputed per f, as before the cache).
 
 The "papers" column holds the issue's figures. To measure the papers' code itself on the same machine,
 threads and batch, run benchmarks/papers_code_bench.py with a checkout of their repository: on this
@@ -21,6 +24,7 @@ gradient work, so on a model where few examples break early ours cannot be faste
     .venv/bin/python benchmarks/evaluate_bench.py papers [--n 64] [--batch 32]
     .venv/bin/python benchmarks/evaluate_bench.py suite --model deq-tiny [--n 50] [--n-dev 100]
     .venv/bin/python benchmarks/evaluate_bench.py suite --model deq-large --n 4 --batch 4 --n-dev 4
+    .venv/bin/python benchmarks/evaluate_bench.py defense --model deq-tiny [--batches 1,3] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -112,6 +116,57 @@ def suite(model_name: str, n: int, batch: int, threads: int, n_dev: int | None) 
         print("wall seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in walls.items()))
 
 
+def _mean_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def defense(model_name: str, batches: list[int], repeats: int, threads: int) -> None:
+    import contextlib
+
+    from bench.defenses import AdaptiveView, BPDAView, parse_defense
+    from bench.deq.view import AttackView
+    from bench.registry import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(model_name, None).model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # as inside an attack (frozen_parameters)
+    d = parse_defense("entropy-reduction")
+    shape = tuple(load_model(model_name, None).entry.input_shape)
+    estimator = "state:1:9:0.5"
+    views = {
+        "undefended (transfer)": AttackView(model, readout="final", estimator=estimator),
+        f"bpda@{estimator}": BPDAView(model, d, "final", estimator),
+        "adaptive@bptt": AdaptiveView(model, d, "final"),
+    }
+    gen = torch.Generator().manual_seed(0)
+    print(f"{model_name}, {threads} thread(s), {repeats} repeats; milliseconds per call")
+    for cache in (True, False):
+        if not cache:
+            model.weights_cached = contextlib.nullcontext  # type: ignore[method-assign]
+        for b in batches:
+            x = torch.rand(b, *shape, generator=gen)
+            y = torch.randint(0, 10, (b,), generator=gen)
+            for name, view in views.items():
+                with torch.no_grad():
+                    fwd = _mean_seconds(lambda v=view, x=x: v(x), repeats)
+
+                def fwd_bwd(v=view, x=x, y=y) -> None:
+                    xg = x.clone().requires_grad_(True)
+                    torch.autograd.grad(torch.nn.functional.cross_entropy(v(xg), y), xg)
+
+                both = _mean_seconds(fwd_bwd, repeats)
+                print(
+                    f"weights cached {cache!s:5}  batch {b:3}  {name:24} forward {1000 * fwd:7.1f}"
+                    f"  forward+backward {1000 * both:7.1f}"
+                )
+    del model.weights_cached
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,9 +182,16 @@ def main() -> None:
     s.add_argument("--batch", type=int, default=50)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--n-dev", type=int, default=None)
+    d = sub.add_parser("defense")
+    d.add_argument("--model", default="deq-tiny")
+    d.add_argument("--batches", default="1,3")
+    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.what == "papers":
         papers(args.n, args.batch, args.threads)
+    elif args.what == "defense":
+        defense(args.model, [int(b) for b in args.batches.split(",")], args.repeats, args.threads)
     else:
         suite(args.model, args.n, args.batch, args.threads, args.n_dev)
 
