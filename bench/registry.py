@@ -248,7 +248,7 @@ def load_model(
     state_dict, metadata = load_state_dict(path, expected)
     convert = None
     if entry.architecture == "mdeq" and any(k.endswith("_g") or k.endswith("_v") for k in state_dict):
-        from models.mdeq import convert_paper_state_dict
+        from models.paper_keys import convert_paper_state_dict
 
         convert = convert_paper_state_dict
     load_into(model, state_dict, convert=convert)
