@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from fractions import Fraction
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from bench.errors import BenchError
 from bench.io import atomic_write_json
-from bench.records import read_record
+from bench.records.read import read_record
+from bench.spec import RunOptions, RunSpec
 
 KIND = "deq-bench expected results"
 VERSION = 1
@@ -86,74 +84,23 @@ def default_tolerance(expected_pct: float, n: int) -> float:
     return max(200.0 * math.sqrt(p * (1.0 - p) / n), 100.0 / n)
 
 
-def _eps_text(eps: float) -> str:
-    """8/255 when eps is exactly k/255 (as parse_eps reads it back), else the shortest exact decimal."""
-    k = round(eps * 255)
-    return f"{k}/255" if float(Fraction(k, 255)) == eps else repr(eps)
-
-
-def _registered_sha(model: str) -> str | None:
-    from bench.registry import get_entry
-
-    try:
-        return get_entry(model).checkpoint.sha256 or None
-    except BenchError:
-        return None
-
-
-def evaluation_args(doc: dict[str, Any]) -> dict[str, Any]:
-    """The `bench evaluate` arguments that reproduce a record's plan, checked by rebuilding the plan."""
-    from bench.suites import build_plan, plan_to_dict
-
+def evaluation_of(doc: dict[str, Any]) -> RunSpec:
+    """The run a record evaluated, as its stored request (what `bench evaluate` was asked)."""
     spec = doc["spec"]
     if spec.get("random_weights"):
         raise BenchError("the record evaluates random weights: a baseline of it would guard nothing")
-    plan = spec["plan"]
-    protocols = {p["name"]: p for p in plan["protocols"]}
-    is_deq = spec.get("deploy") is not None
-    max_iter = int(spec["deploy"]["max_iter"]) if is_deq else 0
-    ready = protocols.get("ready-made", {}).get("estimators") or ["autograd"]
-    white = protocols.get("white-box")
-    n_dev = white["sweep"]["n_dev"] if white and white["sweep"] else None
-    grads = list(white["estimators"]) if is_deq and white and not white["sweep"] else None
-    groups = plan["protocols"][0]["groups"] if plan["protocols"] else {}
-
-    def rebuild(attacks: list[str] | None) -> dict[str, Any]:
-        built = build_plan(
-            plan["suite"],
-            is_deq=is_deq,
-            max_iter=max_iter,
-            ready_made_estimator=ready[0],
-            attacks=attacks,
-            grads=grads,
-            readouts=list(plan["readouts"]),
-            n_dev=n_dev,
-        )
-        return plan_to_dict(built)
-
-    attacks = None if rebuild(None)["protocols"] == plan["protocols"] else list(groups)
-    if rebuild(attacks) != plan:
+    request = doc.get("request")
+    if not isinstance(request, dict):
         raise BenchError(
-            "cannot express this record's plan as bench evaluate arguments; write the file by hand"
+            "the record stores no run request (written by deq-bench < 0.3): re-run it with this version"
         )
-    registered = _registered_sha(spec["model"])
-    own = spec.get("checkpoint_sha256")
-    checkpoint = None if own is None or own == registered else doc["provenance"].get("checkpoint_path")
-    return {
-        "model": spec["model"],
-        "checkpoint": checkpoint,
-        "dataset": spec["dataset"],
-        "n_examples": spec["n_examples"],
-        "eps": _eps_text(spec["eps"]),
-        "suite": plan["suite"],
-        "attacks": attacks,
-        "grads": grads,
-        "readouts": None if plan["readouts"] == ["final"] else list(plan["readouts"]),
-        "n_dev": n_dev,
-        "defense": spec["defense"],
-        "batch_size": spec["batch_size"],
-        "seed": spec["seed"],
-    }
+    spec = RunSpec.from_dict(request)
+    # the baseline names what was evaluated: the data set and eps as resolved, not "the model's default"
+    return replace(spec, dataset=spec.dataset or doc["spec"]["dataset"], eps=float(doc["spec"]["eps"]))
+
+
+# fields of a request that do not change the numbers a baseline guards (device: --device of bench check)
+_NOT_GUARDED = ("device", "save_adversarial", "random_weights")
 
 
 def make_baseline(doc: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +109,7 @@ def make_baseline(doc: dict[str, Any]) -> dict[str, Any]:
     return {
         "kind": KIND,
         "version": VERSION,
-        "evaluation": evaluation_args(doc),
+        "evaluation": {k: v for k, v in evaluation_of(doc).to_dict().items() if k not in _NOT_GUARDED},
         "n": doc["results"]["summary"]["n_examples"],
         "metrics": metrics_of(doc["results"]["summary"]),
         "fingerprint": {k: spec.get(k) for k in FINGERPRINT},
@@ -234,18 +181,12 @@ def rerun(
     quiet: bool = True,
 ) -> tuple[dict[str, Any], Path, bool]:
     """Run the baseline's evaluation (one process, never sharded); reuses an identical finished run."""
-    from bench.evaluate import EvalConfig, evaluate
+    from bench.evaluate import evaluate
 
-    args = dict(baseline["evaluation"])
-    if checkpoint is not None:
-        args["checkpoint"] = checkpoint
-    try:
-        cfg = EvalConfig(
-            **args, results_dir=results_dir, data_dir=data_dir, device=device, quiet=quiet, shard="0/1"
-        )
-    except TypeError as exc:
-        raise BenchError(f"bad evaluation arguments in the expected-results file: {exc}") from None
-    document, path, reused = evaluate(cfg)
+    spec = RunSpec.from_dict(baseline["evaluation"])
+    spec = replace(spec, device=device, **({} if checkpoint is None else {"checkpoint": checkpoint}))
+    options = RunOptions(results_dir=results_dir, data_dir=data_dir, quiet=quiet, shard="0/1")
+    document, path, reused = evaluate(spec, options)
     assert document is not None  # one process writes its own record
     return document, path, reused
 
@@ -298,32 +239,17 @@ def _notes(baseline: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     return out
 
 
-def check_command(
-    baseline: Annotated[
-        Path | None, typer.Option(help="Expected-results file (results/expected/*.json) to check against.")
-    ] = None,
-    read: Annotated[
-        Path | None,
-        typer.Option("--read", help="Compare this finished record instead of re-running the evaluation."),
-    ] = None,
-    tolerance: Annotated[
-        float | None,
-        typer.Option(help="Allowed deviation in points (default: 2 binomial std errors, >= 1 example)."),
-    ] = None,
-    write_baseline_to: Annotated[
-        Path | None,
-        typer.Option("--write-baseline", help="Write an expected-results file from the --read record."),
-    ] = None,
-    checkpoint: Annotated[
-        str | None, typer.Option(help="Check these weights instead of the baseline's checkpoint.")
-    ] = None,
-    results_dir: Annotated[
-        str, typer.Option(help="Where the re-run's record goes (reused if there).")
-    ] = "results",
-    data_dir: Annotated[str | None, typer.Option(help="Where the data set's files are.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-) -> None:
-    """Fail (exit 1) when clean, robust or All accuracy moved beyond tolerance from expected results."""
+def run_check(
+    baseline: Path | None,
+    read: Path | None,
+    tolerance: float | None,
+    write_baseline_to: Path | None,
+    checkpoint: str | None,
+    results_dir: str,
+    data_dir: str | None,
+    device: str,
+) -> bool:
+    """`bench check`: True when every metric is within tolerance (or a baseline was written)."""
     if write_baseline_to is not None:
         if read is None or baseline is not None:
             raise BenchError(
@@ -331,7 +257,7 @@ def check_command(
             )
         written = write_baseline(read, write_baseline_to)
         print(f"wrote {write_baseline_to} ({len(written['metrics'])} metrics, n={written['n']})")
-        return
+        return True
     if baseline is None:
         raise BenchError(
             "give --baseline FILE to check, or --write-baseline FILE --read RECORD to create one"
@@ -351,5 +277,4 @@ def check_command(
             quiet=False,  # progress bars on a terminal only; CI logs stay clean
         )
     check_fingerprint(expected, doc)
-    if not report(compare(expected, doc, tolerance), str(baseline), Path(path), _notes(expected, doc)):
-        raise SystemExit(1)  # 1: the gate failed; 2 (BenchError in bench.cli) stays for bad input
+    return report(compare(expected, doc, tolerance), str(baseline), Path(path), _notes(expected, doc))

@@ -33,7 +33,3 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, sort_keys=True))
-
-
-def err_console() -> Console:
-    return Console(stderr=True)

@@ -19,18 +19,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TypeVar
 
 from bench.errors import BenchError
 
-if TYPE_CHECKING:
-    from bench.evaluate import EvalConfig
-
 T = TypeVar("T")
-DEFAULT_TIMEOUT_S = 6 * 3600.0  # how long a shard waits for the sweep stage or for its peers
 
 
 @dataclass(frozen=True)
@@ -221,32 +216,3 @@ def describe_batches(batches: list[int], limit: int = 12) -> str:
 def announce(message: str) -> None:
     """One line on stderr from a shard (stdout stays for the record path of --quiet)."""
     print(message, file=sys.stderr, flush=True)
-
-
-def _run_shard(cfg: EvalConfig, rank: int, world: int) -> str | None:
-    """What one array task runs: its shard of `cfg`; the path of the record if this task wrote it."""
-    from bench.evaluate import evaluate
-
-    document, path, _ = evaluate(replace(cfg, shard=f"{rank}/{world}", quiet=True))
-    return None if document is None else str(path)
-
-
-def submit_array(cfg: EvalConfig, n_tasks: int, folder: str | Path, **slurm_params: Any) -> list[Any]:
-    """Submit `cfg` as one SLURM job array of `n_tasks` shards through submitit; returns the jobs.
-
-    `slurm_params` go to `AutoExecutor.update_parameters` (e.g. slurm_partition='gpu', gpus_per_node=1,
-    timeout_min=240). Without SLURM, submitit runs the tasks locally. The shard that finishes last writes
-    the record; `bench merge` does it if that shard died.
-    """
-    if n_tasks < 1:
-        raise BenchError("submit_array needs at least one task")
-    try:
-        import submitit
-    except ImportError:
-        raise BenchError(
-            "submit_array needs submitit: pip install 'deq-bench[slurm]' (or pip install submitit)"
-        ) from None
-    executor = submitit.AutoExecutor(folder=str(folder))
-    executor.update_parameters(**slurm_params)
-    ranks = list(range(n_tasks))
-    return executor.map_array(_run_shard, [cfg] * n_tasks, ranks, [n_tasks] * n_tasks)

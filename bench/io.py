@@ -39,3 +39,14 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def atomic_write_tensor(path: str | os.PathLike[str], obj: Any) -> None:
+    """torch.save, atomically (tensors and plain containers: loadable with weights_only=True)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())

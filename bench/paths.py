@@ -13,7 +13,3 @@ REPO_ROOT = PACKAGE_DIR.parent
 def checkpoints_dir() -> Path:
     """Registered checkpoint files live here; `DEQ_BENCH_CHECKPOINTS` overrides it."""
     return Path(os.environ.get("DEQ_BENCH_CHECKPOINTS", REPO_ROOT / "checkpoints"))
-
-
-def default_results_dir() -> Path:
-    return Path("results")

@@ -10,35 +10,18 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
-from fractions import Fraction
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError, did_you_mean
 from bench.paths import PACKAGE_DIR, checkpoints_dir
+from bench.spec import ZOO_PREFIX, parse_eps
 
 if TYPE_CHECKING:  # torch is imported only by the functions that build models: listing stays fast
     from torch import nn
 
 REGISTRY_FILE = PACKAGE_DIR / "registry" / "models.toml"
-ZOO_PREFIX = "robustbench:"
-
-
-def parse_eps(text: str | float) -> float:
-    """'8/255' or '0.1' -> float; anything else is a one-line error."""
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        try:
-            value = float(Fraction(str(text).strip()))
-        except (ValueError, ZeroDivisionError):
-            raise BenchError(
-                f"invalid eps {text!r}: write it as a fraction like 8/255 or a decimal like 0.1"
-            ) from None
-    if not 0.0 <= value <= 1.0:
-        raise BenchError(f"invalid eps {text!r}: it must lie in [0, 1] (inputs are in [0, 1])")
-    return value
 
 
 @dataclass(frozen=True)
@@ -193,7 +176,7 @@ def checkpoint_status(entry: ModelEntry) -> str:
 
 def build_architecture(entry: ModelEntry) -> nn.Module:
     """The entry's architecture with fresh (random) weights."""
-    from models.deq import DeployConfig, is_deq
+    from bench.deq.protocol import DeployConfig, is_deq
     from models.factory import build_architecture as build
 
     model = build(entry.architecture, dict(entry.config))

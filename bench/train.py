@@ -26,11 +26,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import typer
 from torch import Tensor, nn
 
 from bench.errors import BenchError, did_you_mean
@@ -179,7 +178,7 @@ def validate(cfg: TrainConfig) -> None:
 
 def build_model(cfg: TrainConfig) -> tuple[nn.Module, str, str, dict[str, Any]]:
     """(untrained model, its name, its architecture, the architecture config), for training and metadata."""
-    from models.deq import DeployConfig, is_deq
+    from bench.deq.protocol import DeployConfig, is_deq
     from models.factory import build_architecture
 
     if cfg.model is not None:
@@ -246,8 +245,8 @@ class ModelForward:
 
     def __init__(self, model: nn.Module, grad: str, random_state: bool, gen: torch.Generator) -> None:
         from bench.deq.estimators import Unroll, parse_estimator
+        from bench.deq.protocol import is_deq
         from bench.deq.solvers import SolverSettings
-        from models.deq import is_deq
 
         self.model, self.gen, self.random_state = model, gen, random_state
         self.deq = is_deq(model)
@@ -629,7 +628,7 @@ def export_safetensors(
 ) -> str:
     """The final weights with the full recipe in the metadata; returns the file's sha256."""
     from bench.checkpoints import save_safetensors
-    from models.deq import is_deq
+    from bench.deq.protocol import is_deq
 
     name, arch, config = identity
     meta = {
@@ -677,7 +676,7 @@ def quick_validation(cfg: TrainConfig, model: nn.Module, epoch: int) -> dict[str
     Uses its own generator, so training randomness is untouched (resumed runs stay identical).
     """
     from bench.data import load_dataset
-    from models.deq import is_deq
+    from bench.deq.protocol import is_deq
 
     data = load_dataset(cfg.dataset, "test", cfg.data_dir, n_examples=cfg.val_examples)
     was_training = model.training
@@ -702,108 +701,3 @@ def quick_validation(cfg: TrainConfig, model: nn.Module, epoch: int) -> dict[str
     model.train(was_training)
     n = len(data)
     return {"epoch": epoch, "n": n, "clean_acc": clean / n, f"pgd{cfg.val_pgd_steps}_acc": robust / n}
-
-
-# ----- command line -----------------------------------------------------------------------------------
-
-
-def train_command(
-    model: Annotated[
-        str | None, typer.Option("--model", help="Registry name, or an architecture name.")
-    ] = None,
-    config: Annotated[str | None, typer.Option("--config", help="Architecture config as JSON.")] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="fashion-mnist or cifar10.")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="pgd-at, trades, fast-at or clean.")] = None,
-    grad: Annotated[
-        str | None, typer.Option("--grad", help="DEQ training gradient: exact | unroll:K:lam.")
-    ] = None,
-    random_state: Annotated[
-        bool | None,
-        typer.Option("--random-state/--final-state", help="Loss from random intermediate states."),
-    ] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
-    lr: Annotated[float | None, typer.Option("--lr")] = None,
-    eps: Annotated[str | None, typer.Option("--eps", help="L-inf radius, e.g. 0.1 or 8/255.")] = None,
-    step_size: Annotated[str | None, typer.Option("--step-size", help="Attack step (default eps/4).")] = None,
-    attack_steps: Annotated[int | None, typer.Option("--attack-steps")] = None,
-    beta: Annotated[float | None, typer.Option("--beta", help="TRADES beta (default 6).")] = None,
-    pretrain_steps: Annotated[int | None, typer.Option("--pretrain-steps")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Final weights (.safetensors).")] = None,
-    state: Annotated[
-        str | None, typer.Option("--state", help="Training state file (default <out>.state.pt).")
-    ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the saved training state.")] = False,
-    preset: Annotated[str | None, typer.Option("--preset", help=f"One of: {', '.join(PRESETS)}.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    train_subset: Annotated[
-        int | None, typer.Option("--train-subset", help="Use the first N examples.")
-    ] = None,
-    val_examples: Annotated[int | None, typer.Option("--val-examples", help="Per-epoch check size.")] = None,
-    device: Annotated[str | None, typer.Option("--device")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help="Iterations.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-    log: Annotated[str | None, typer.Option("--log", help="Append one line per log interval here.")] = None,
-) -> None:
-    """Adversarially train a DEQ or CNN; resumable; writes safetensors with the recipe in its metadata."""
-    from bench.registry import parse_eps
-    from models.factory import ARCHITECTURES
-
-    chosen: dict[str, Any] = {}
-    if model is not None:  # replaces the preset's model entirely
-        is_arch = model in ARCHITECTURES
-        chosen = {
-            "model": None if is_arch else model,
-            "architecture": model if is_arch else None,
-            "config": {},
-        }
-    if config is not None:
-        try:
-            chosen["config"] = json.loads(config)
-        except json.JSONDecodeError as exc:
-            raise BenchError(f"--config is not valid JSON: {exc.msg}") from None
-    cfg = config_with(
-        preset,
-        dataset=dataset,
-        method=method,
-        grad=grad,
-        random_state=random_state,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        eps=None if eps is None else parse_eps(eps),
-        step_size=None if step_size is None else parse_eps(step_size),
-        attack_steps=attack_steps,
-        trades_beta=beta,
-        pretrain_steps=pretrain_steps,
-        out=out,
-        state_path=state,
-        seed=seed,
-        train_subset=train_subset,
-        val_examples=val_examples,
-        device=device,
-        threads=threads,
-        checkpoint_every=checkpoint_every,
-        quiet=quiet or None,
-        log=log,
-    )
-    cfg = replace(cfg, **chosen)
-    result = train(cfg, resume=resume)
-    if result.complete:
-        size = f"{result.parameters} parameters, {result.seconds:.0f}s"
-        print(f"wrote {result.out} (sha256 {result.sha256}, {size})")
-    else:
-        print(f"stopped at step {result.steps}/{result.total_steps}; state in {result.state_path} (--resume)")
-
-
-if __name__ == "__main__":  # until `bench train` is registered: python -m bench.train --help
-    import sys
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(train_command)
-    try:
-        app()
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -28,8 +28,8 @@ from bench.checkpoints import ensure_plausible_checkpoint, load_failure_error
 from bench.compat import import_robustbench
 from bench.errors import BenchError, did_you_mean
 from bench.paths import checkpoints_dir
+from bench.spec import ZOO_PREFIX as PREFIX
 
-PREFIX = "robustbench:"
 DEFAULT_DATASET = "cifar10"
 DEFAULT_THREAT_MODEL = "Linf"
 GDRIVE_HOST = "drive.google.com"

@@ -85,8 +85,9 @@ def papers(n: int, batch: int, threads: int) -> None:
 
 
 def suite(model_name: str, n: int, batch: int, threads: int, n_dev: int | None) -> None:
-    from bench.evaluate import EvalConfig, evaluate
+    from bench.evaluate import evaluate
     from bench.registry import get_entry
+    from bench.spec import EvalConfig
 
     torch.set_num_threads(threads)
     random_weights = get_entry(model_name).family == "deq" and not get_entry(model_name).checkpoint.registered
@@ -103,7 +104,7 @@ def suite(model_name: str, n: int, batch: int, threads: int, n_dev: int | None) 
             random_weights=random_weights,
         )
         start = time.perf_counter()
-        doc, _, _ = evaluate(cfg)
+        doc, _, _ = evaluate(*cfg.parse())
         seconds = time.perf_counter() - start
     s = doc["results"]["summary"]["readouts"]["final"]
     walls = doc["provenance"].get("wall_seconds", {})

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from bench.deq.protocol import DeployConfig, DEQClassifier
 from bench.errors import BenchError
-from models.deq import DeployConfig, DEQClassifier
 
 BN_MOMENTUM = 0.1
 HEAD_EXPANSION = 4  # the head's Bottleneck expansion

@@ -24,9 +24,9 @@ from micro_models import CNN_CONFIG, DEQ_CONFIG, DEQ_DEPLOY  # noqa: E402
 from bench.checkpoints import save_safetensors  # noqa: E402
 from bench.data import load_dataset  # noqa: E402
 from bench.deq.estimators import parse_estimator  # noqa: E402
+from bench.deq.protocol import DeployConfig  # noqa: E402
 from bench.deq.readouts import solve_model  # noqa: E402
 from bench.deq.solvers import SolverSettings  # noqa: E402
-from models.deq import DeployConfig  # noqa: E402
 from models.factory import build_architecture  # noqa: E402
 
 

@@ -3,7 +3,6 @@
 # (recipes: bench/train_recipes.py, presets fmnist-tiny-*; provenance: checkpoints/README.md).
 # Each run uses one CPU thread; the three runs were started side by side.
 # Training states and logs go to scratch/ (git-ignored); rerun a command with --resume to continue.
-# `python -m bench.train` takes the same options as `bench train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -12,7 +11,7 @@ mkdir -p scratch checkpoints
 run() {  # name preset [extra options]
     local name=$1 preset=$2
     shift 2
-    "$PY" -m bench.train --preset "$preset" --threads 1 --quiet \
+    "$PY" -m bench train --preset "$preset" --threads 1 --quiet \
         --out "checkpoints/$name.safetensors" --state "scratch/$name.state.pt" \
         --log "scratch/train-$name.log" "$@"
 }

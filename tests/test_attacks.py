@@ -16,7 +16,7 @@ from attack_toys import (
 )
 from torch import Tensor, nn
 
-from bench.attacks import Attack, AttackResult, derive_seed
+from bench.attacks import Attack, AttackResult, mix_seed
 from bench.attacks.autoattack import APGD, APGDT, FABT, Square, model_check_warnings
 from bench.attacks.orchestrator import run_attacks
 from bench.attacks.pgd import PGD
@@ -121,7 +121,7 @@ def test_every_attack_stays_in_the_ball_and_the_box_near_the_box_edges() -> None
 
 def test_pgd_result_does_not_depend_on_the_batch() -> None:
     model, x, y, _ = binary_problem(n=8)
-    seeds = torch.tensor([derive_seed(7, i) for i in range(8)])
+    seeds = torch.tensor([mix_seed(7, i) for i in range(8)])
     attack = PGD(EPS, steps=4, step_size=EPS / 8)  # small steps: unbroken rows keep random-start traces
     batch = attack.perturb(model, x, y, seeds)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))

@@ -11,21 +11,28 @@ import pytest
 import torch
 
 from bench.check import (
-    check_command,
     compare,
     default_tolerance,
-    evaluation_args,
+    evaluation_of,
     load_baseline,
     write_baseline,
 )
 from bench.checkpoints import save_safetensors
+from bench.cli.report import check_command
 from bench.errors import BenchError
-from bench.evaluate import EvalConfig, evaluate
+from bench.evaluate import evaluate as run_spec
+from bench.evaluate.plan import build_plan, plan_to_dict
 from bench.registry import parse_eps
-from bench.suites import build_plan, plan_to_dict
+from bench.spec import EvalConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from micro_models import FIXTURES, write_micro_registry
+
+
+def evaluate(cfg: EvalConfig):
+    """Tests build runs from raw inputs, as the CLI does: parse, then evaluate the typed spec."""
+    return run_spec(*cfg.parse())
+
 
 N = 64  # enough examples that the default tolerance (2 standard errors) is tighter than the damage done
 
@@ -100,6 +107,8 @@ def test_baseline_names_the_evaluation_and_its_numbers(setup):
         "readouts": None,
         "n_dev": None,
         "defense": "none",
+        "deploy": None,
+        "batching": "per-example",
         "batch_size": 16,
         "seed": 0,
     }
@@ -208,31 +217,25 @@ def test_a_file_that_is_no_baseline_is_bad_input(setup, tmp_path):
         (False, "full", {}),
     ],
 )
-def test_evaluation_args_rebuild_the_record_plan(is_deq, suite, options):
-    plan = build_plan(suite, is_deq=is_deq, max_iter=4, ready_made_estimator="unroll:1:0.5", **options)
-    spec = {
-        "model": "m",
-        "checkpoint_sha256": None,
-        "dataset": "fashion-mnist",
-        "n_examples": 10,
-        "eps": 8 / 255,
-        "plan": plan_to_dict(plan),
-        "defense": "none",
-        "batch_size": 5,
-        "seed": 3,
-        "deploy": {"max_iter": 4} if is_deq else None,
+def test_the_recorded_request_rebuilds_the_record_plan(is_deq, suite, options):
+    spec, _ = EvalConfig(
+        model="m",
+        dataset="fashion-mnist",
+        n_examples=10,
+        eps="8/255",
+        suite=suite,
+        batch_size=5,
+        seed=3,
+        **options,
+    ).parse()
+    plan = build_plan(spec, is_deq=is_deq, max_iter=4, ready_made_estimator="unroll:1:0.5")
+    record = {
+        "spec": {"plan": plan_to_dict(plan), "dataset": "fashion-mnist", "eps": 8 / 255},
+        "request": json.loads(json.dumps(spec.to_dict())),
     }
-    args = evaluation_args({"spec": spec, "provenance": {}})
-    assert args["eps"] == "8/255" and parse_eps(args["eps"]) == 8 / 255
-    assert args["attacks"] == options.get("attacks")
-    rebuilt = build_plan(
-        args["suite"],
-        is_deq=is_deq,
-        max_iter=4,
-        ready_made_estimator="unroll:1:0.5",
-        attacks=args["attacks"],
-        grads=args["grads"],
-        readouts=args["readouts"],
-        n_dev=args["n_dev"],
-    )
-    assert plan_to_dict(rebuilt) == spec["plan"]
+    rebuilt_spec = evaluation_of(record)
+    assert rebuilt_spec == spec
+    assert rebuilt_spec.to_dict()["eps"] == "8/255" and parse_eps("8/255") == 8 / 255
+    assert rebuilt_spec.attacks == (tuple(options["attacks"]) if "attacks" in options else None)
+    rebuilt = build_plan(rebuilt_spec, is_deq=is_deq, max_iter=4, ready_made_estimator="unroll:1:0.5")
+    assert plan_to_dict(rebuilt) == record["spec"]["plan"]

@@ -21,12 +21,19 @@ from bench.distributed import (
     batch_plan,
     resolve_shard,
     shard_batches,
-    submit_array,
     wait_for,
 )
 from bench.errors import BenchError
-from bench.evaluate import EvalConfig, evaluate
-from bench.merge import merge_run
+from bench.evaluate import evaluate as run_spec
+from bench.evaluate.slurm import submit_array
+from bench.records.assemble import merge_run
+from bench.spec import EvalConfig
+
+
+def evaluate(cfg: EvalConfig):
+    """Tests build runs from raw inputs, as the CLI does: parse, then evaluate the typed spec."""
+    return run_spec(*cfg.parse())
+
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -172,9 +179,11 @@ def test_force_with_shards_is_refused(micro, tmp_path):
 
 SHARD_SCRIPT = """
 import sys
-from bench.evaluate import EvalConfig, evaluate
-doc, path, _ = evaluate(EvalConfig(model="cnn-micro", suite="quick", eps="0.03", n_examples=8, batch_size=2,
-                                   results_dir=sys.argv[1], quiet=True, device="cpu", shard=sys.argv[2]))
+from bench.evaluate import evaluate
+from bench.spec import EvalConfig
+cfg = EvalConfig(model="cnn-micro", suite="quick", eps="0.03", n_examples=8, batch_size=2,
+                 results_dir=sys.argv[1], quiet=True, device="cpu", shard=sys.argv[2])
+doc, path, _ = evaluate(*cfg.parse())
 print("record" if doc is not None else "shard-only", path)
 """
 
@@ -232,7 +241,7 @@ def test_shard_waits_for_rank_0_sweep_with_a_clear_timeout(micro, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("submitit") is not None, reason="submitit is installed")
 def test_submit_array_without_submitit_says_how_to_install(tmp_path):
     with pytest.raises(BenchError, match=r"pip install 'deq-bench\[slurm\]'"):
-        submit_array(_cfg(tmp_path), 2, tmp_path / "logs")
+        submit_array(*_cfg(tmp_path).parse(), 2, tmp_path / "logs")
 
 
 def test_merge_without_any_run_is_bad_input(tmp_path):

@@ -14,7 +14,16 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.evaluate import EvalConfig, evaluate, summarize
+from bench.evaluate import evaluate as run_spec
+from bench.records.assemble import summarize
+from bench.records.schema import adversarial_entries
+from bench.spec import EvalConfig
+
+
+def evaluate(cfg: EvalConfig):
+    """Tests build runs from raw inputs, as the CLI does: parse, then evaluate the typed spec."""
+    return run_spec(*cfg.parse())
+
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,7 +81,8 @@ def test_every_attack_estimator_readout_runs(micro, tmp_path):
         assert not any(b and not a for b, a in zip(c["broken"], c["attacked"], strict=True))
     assert "adjoint:2" in doc["provenance"]["reimplementations"]
     assert doc["results"]["columns"]["clean_solver"]["nsteps"]  # solver stats on clean inputs
-    assert all("solver" in v for v in doc["results"]["columns"]["adversarial"].values())
+    entries = list(adversarial_entries(doc["results"]["columns"]))
+    assert entries and all("solver" in entry for *_, entry in entries)
 
 
 def test_all_never_above_any_single_attack(micro, tmp_path):
@@ -116,7 +126,7 @@ def test_white_box_sweep_picks_estimators_on_a_disjoint_dev_set(micro, tmp_path)
 
 
 def test_runs_that_differ_only_in_reported_attacks_share_one_sweep(micro, tmp_path, monkeypatch):
-    import bench.evaluate as evaluate_module
+    import bench.evaluate.stages as evaluate_module
 
     first, _, _ = evaluate(_cfg(tmp_path, suite="quick", n_examples=4, batch_size=4, n_dev=4))
     assert len(list((tmp_path / ".sweeps").glob("*.json"))) == 1

@@ -10,16 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.cli.report import plot_command
 from bench.errors import BenchError
-from bench.plots import (
+from bench.records.schema import SCHEMA_VERSION
+from bench.report.plots import (
     entropy_traces,
     parse_formats,
-    plot_command,
     plot_run,
     residual_traces,
     state_accuracy,
 )
-from bench.records import SCHEMA_VERSION
 
 LABELS = [0, 1, 2, 3]
 # clean: state 1 gets 1/4 right, state 2 gets 3/4, state 3 all; adversarial: 2/4, 1/4, 0/4
@@ -48,7 +48,7 @@ def deq_record(root: Path, name: str = "deq", *, traces: bool = False, model: st
                 "clean_states": clean_states,
                 "clean_solver": solver,
                 "attacks": [],
-                "adversarial": {"white-box|pgd|final": adv},
+                "adversarial": {"white-box": {"pgd": {"final": adv}}},
             },
             "warnings": [],
         },

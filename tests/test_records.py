@@ -5,7 +5,10 @@ import json
 import pytest
 
 from bench.errors import BenchError
-from bench.records import RunStore, concat_columns, derive_seed, read_record, run_id_of
+from bench.records.assemble import concat_columns
+from bench.records.read import read_record
+from bench.records.store import RunStore, run_id_of
+from bench.seeds import derive_seed
 
 
 def test_run_id_is_stable_and_order_independent():

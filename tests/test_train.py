@@ -10,6 +10,7 @@ from deq_toys import DTYPE, linear_toy
 
 import bench.train as train_mod
 from bench.checkpoints import load_into, load_state_dict
+from bench.cli.train import train_command
 from bench.deq.estimators import Unroll
 from bench.deq.readouts import solve_model
 from bench.deq.solvers import SolverSettings
@@ -24,7 +25,6 @@ from bench.train import (
     export_from_state,
     jacobian_penalty,
     train,
-    train_command,
     training_loss,
 )
 

@@ -14,7 +14,6 @@ This module imports none of them, so they can all import it without cycles.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from bench.seeds import mix_seed
 
 
 @dataclass
@@ -86,15 +87,9 @@ class CallCounter(nn.Module):
         self.backwards += int(g.shape[0])
 
 
-def derive_seed(*values: int) -> int:
-    """A 63-bit seed mixed from integers; stable across runs, platforms and Python hash seeds."""
-    data = b"".join(int(v).to_bytes(16, "little", signed=True) for v in values)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
-
-
 def batch_seed(seeds: Tensor) -> int:
     """One 31-bit seed, from the rows' seeds, for attacks that draw randomness per batch (pyautoattack's)."""
-    return derive_seed(len(seeds), *seeds.reshape(-1).tolist()) & 0x7FFFFFFF
+    return mix_seed(len(seeds), *seeds.reshape(-1).tolist()) & 0x7FFFFFFF
 
 
 @contextmanager
@@ -139,9 +134,9 @@ __all__ = [
     "AttackResult",
     "CallCounter",
     "batch_seed",
-    "derive_seed",
     "frozen_parameters",
     "linf_distance",
+    "mix_seed",
     "preserved_rng",
     "synchronize",
 ]

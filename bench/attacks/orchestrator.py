@@ -11,7 +11,7 @@ Whatever an attack returns, the record is decided here: x_adv must lie in the ep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,21 @@ TOLERANCE = 1e-6  # floating slack allowed outside the eps-ball and [0,1] before
 # expected when the caller selected the examples with another model (a defense's transfer mode); with the
 # same model, a clean prediction that changed with the batch's composition (a near-tie)
 UNPERTURBED_MISCLASSIFIED = "example(s) left unperturbed are misclassified on re-check by the attacked model"
+
+
+@dataclass(frozen=True)
+class AttackRun:
+    """One attack on one module, a step of a sequence; `name` is unique within the sequence.
+
+    `judge(x_adv, y) -> broken` decides success when another function than the attacked module is the one
+    deployed (a defense attacked in transfer mode); the attacked module still re-checks the attack's claims.
+    """
+
+    name: str
+    attack: Attack
+    model: nn.Module
+    seeds: Tensor
+    judge: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 @dataclass
@@ -123,14 +138,66 @@ def _run_one(
     return record
 
 
-def _square_warnings(suite: SuiteResult, attacks: Sequence[Attack]) -> list[str]:
+def _square_warnings(suite: SuiteResult, runs: Sequence[AttackRun]) -> list[str]:
     """AutoAttack's 'Square beat the white-box attacks' check, fed with this suite's accuracies."""
     accs = suite.accuracies()
-    squares = [accs[a.name] for a in attacks if a.family == "square"]
-    others = {a.name: accs[a.name] for a in attacks if a.family != "square"}
+    squares = [accs[r.name] for r in runs if r.attack.family == "square"]
+    others = {r.name: accs[r.name] for r in runs if r.attack.family != "square"}
     if not squares or not others:
         return []
     return square_check_warnings({"clean": accs["clean"], **others, "square": min(squares)})
+
+
+def run_sequence(
+    runs: Sequence[AttackRun],
+    x: Tensor,
+    y: Tensor,
+    clean_correct: Tensor,
+    *,
+    independent: bool = False,
+    checks: bool = True,
+    check_rows: int = 64,
+    square_check: bool = True,
+) -> SuiteResult:
+    """Run each attack on its module in order and return the verified per-example record.
+
+    Sequential (default): a run attacks only the clean-correct examples no earlier run broke, so the
+    robust set after the last run is the per-example worst case. clean_correct: (B,) bool, the deployed
+    prediction's; misclassified examples are never attacked. checks: AutoAttack's model checks on the first
+    run's module (first `check_rows` examples). square_check: AutoAttack's Square-vs-gradient check.
+    """
+    names = [r.name for r in runs]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise BenchError(f"attack(s) listed twice in one suite: {', '.join(dupes)}")
+    x = x.detach()
+    y = y.detach().to(x.device)
+    clean_correct = clean_correct.to(device=x.device, dtype=torch.bool)
+    warnings: list[str] = []
+    if checks and len(x) and runs:
+        with frozen_parameters(runs[0].model):
+            warnings = model_check_warnings(runs[0].model, x[:check_rows], y[:check_rows])
+    broken_any = torch.zeros_like(clean_correct)
+    results: dict[str, AttackResult] = {}
+    for run in runs:
+        seeds = run.seeds.detach().to("cpu", torch.int64)
+        if not (x.shape[0] == y.shape[0] == seeds.shape[0]):
+            raise ValueError(f"batch sizes differ: x {x.shape[0]}, y {y.shape[0]}, seeds {seeds.shape[0]}")
+        todo = clean_correct if independent else clean_correct & ~broken_any
+        with frozen_parameters(run.model):
+            result = _run_one(run.model, run.attack, x, y, seeds, todo)
+        if run.judge is not None:
+            # rows the judge selected that the attacked module already gets wrong are expected here
+            result.warnings = [w for w in result.warnings if UNPERTURBED_MISCLASSIFIED not in w]
+            with torch.no_grad():
+                result.broken = run.judge(result.x_adv, y) & result.attacked
+        results[run.name] = result
+        broken_any |= result.broken
+    suite = SuiteResult(
+        clean_correct=clean_correct, results=results, warnings=warnings, independent=independent
+    )
+    if square_check:
+        suite.warnings += _square_warnings(suite, runs)
+    return suite
 
 
 def run_attacks(
@@ -145,33 +212,15 @@ def run_attacks(
     checks: bool = True,
     check_rows: int = 64,
 ) -> SuiteResult:
-    """Attack one batch with every attack in order and return the verified per-example record.
+    """Attack one batch of one module with every attack in order (see `run_sequence`).
 
     model: x in [0,1] (B,C,H,W) -> logits; its mode (eval) is the caller's. seeds: (B,) int64, one per
-    example. clean_correct: (B,) bool, computed with one forward when None; misclassified examples are
-    never attacked. checks: run AutoAttack's model checks on the first `check_rows` examples.
+    example. clean_correct: (B,) bool, computed with one forward when None.
     """
-    names = [a.name for a in attacks]
-    if dupes := sorted({n for n in names if names.count(n) > 1}):
-        raise BenchError(f"attack(s) listed twice in one suite: {', '.join(dupes)}")
-    x = x.detach()
-    y = y.detach().to(x.device)
-    seeds = seeds.detach().to("cpu", torch.int64)
-    if not (x.shape[0] == y.shape[0] == seeds.shape[0]):
-        raise ValueError(f"batch sizes differ: x {x.shape[0]}, y {y.shape[0]}, seeds {seeds.shape[0]}")
-    with frozen_parameters(model):
-        if clean_correct is None:
-            clean_correct = _predict(model, x) == y
-        clean_correct = clean_correct.to(device=x.device, dtype=torch.bool)
-        warnings = model_check_warnings(model, x[:check_rows], y[:check_rows]) if checks and len(x) else []
-        broken_any = torch.zeros_like(clean_correct)
-        results: dict[str, AttackResult] = {}
-        for attack in attacks:
-            todo = clean_correct if independent else clean_correct & ~broken_any
-            results[attack.name] = _run_one(model, attack, x, y, seeds, todo)
-            broken_any |= results[attack.name].broken
-    suite = SuiteResult(
-        clean_correct=clean_correct, results=results, warnings=warnings, independent=independent
+    if clean_correct is None:
+        with frozen_parameters(model):
+            clean_correct = _predict(model, x.detach()) == y.detach().to(x.device)
+    runs = [AttackRun(a.name, a, model, seeds) for a in attacks]
+    return run_sequence(
+        runs, x, y, clean_correct, independent=independent, checks=checks, check_rows=check_rows
     )
-    suite.warnings += _square_warnings(suite, attacks)
-    return suite

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.attacks import Attack, AttackResult, CallCounter, derive_seed, linf_distance, synchronize
+from bench.attacks import Attack, AttackResult, CallCounter, linf_distance, synchronize
 from bench.errors import BenchError, did_you_mean
+from bench.seeds import mix_seed
 
 PGD_LOSSES = ("ce", "dlr", "margin")
 DEFAULT_STEPS = 10
@@ -102,7 +103,7 @@ class PGD(Attack):
             return x.clone()
         noise = torch.empty((x.shape[0], *x.shape[1:]), dtype=torch.float32)
         for i, seed in enumerate(seeds.tolist()):
-            gen = torch.Generator().manual_seed(derive_seed(seed, restart))
+            gen = torch.Generator().manual_seed(mix_seed(seed, restart))
             noise[i] = torch.rand(x.shape[1:], generator=gen)
         return x + ((2 * noise - 1) * self.eps).to(device=x.device, dtype=x.dtype)
 

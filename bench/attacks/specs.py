@@ -86,8 +86,8 @@ def parse_attack(spec: str, eps: float) -> Attack:
     return _BUILDERS[base](spec, fields, eps)
 
 
-def parse_attacks(specs: str | Iterable[str], eps: float) -> list[Attack]:
-    """A suite from a comma-separated string or a list of specs; `autoattack` expands to the standard four."""
+def expand_attacks(specs: str | Iterable[str]) -> list[str]:
+    """Attack specs from a comma-separated string or a list; `autoattack` becomes the standard four."""
     items = specs.split(",") if isinstance(specs, str) else list(specs)
     expanded: list[str] = []
     for item in (s.strip() for s in items):
@@ -96,7 +96,12 @@ def parse_attacks(specs: str | Iterable[str], eps: float) -> list[Attack]:
         expanded.extend(SUITE_ALIASES.get(item.lower(), (item,)))
     if not expanded:
         raise BenchError("no attacks given")
-    attacks = [parse_attack(s, eps) for s in expanded]
+    return expanded
+
+
+def parse_attacks(specs: str | Iterable[str], eps: float) -> list[Attack]:
+    """A suite from a comma-separated string or a list of specs; `autoattack` expands to the standard four."""
+    attacks = [parse_attack(s, eps) for s in expand_attacks(specs)]
     names = [a.name for a in attacks]
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise BenchError(f"attack(s) listed twice: {', '.join(dupes)}")

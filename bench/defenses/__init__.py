@@ -6,8 +6,8 @@ and `AdaptiveView` attack it. The early-state and ensemble defenses are readouts
 `ensemble-state`, `ensemble-logit`) of bench.deq.readouts and need no code here; see docs/defenses.md.
 """
 
-from bench.defenses.entropy import DefendedResult, EntropyReduction, prediction_entropy
-from bench.defenses.specs import GRAMMAR, parse_defense
+from bench.defenses.entropy import DefendedResult, EntropyReduction, parse_defense, prediction_entropy
+from bench.defenses.specs import GRAMMAR
 from bench.defenses.view import (
     BPTT,
     AdaptiveView,

@@ -32,10 +32,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from bench.defenses.specs import format_fraction, parse_count, parse_number, parse_options
+from bench.defenses.specs import GRAMMAR, parse_count, parse_number, parse_options
 from bench.deq.solvers import PROTECT, REL_EPS, STOP_MODES, rowdot, rownorm, rowsum
 from bench.deq.trajectory import Trajectory
 from bench.errors import BenchError
+from bench.numbers import format_fraction
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
@@ -449,3 +450,12 @@ class EntropyReduction:
             stop_mode=self.stop_mode,
             solver_steps=self.solver_steps,
         )
+
+
+def parse_defense(spec: str | None) -> EntropyReduction | None:
+    """The defense a spec names, or None for `none` (no defense)."""
+    if spec is None or (isinstance(spec, str) and spec.strip() == "none"):
+        return None
+    if not isinstance(spec, str):
+        raise BenchError(f"defense spec must be a string; grammar: {GRAMMAR}")
+    return EntropyReduction.parse(spec)

@@ -10,13 +10,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection
-from typing import TYPE_CHECKING
 
-from bench.deq.estimators import format_number
 from bench.errors import BenchError, did_you_mean
-
-if TYPE_CHECKING:
-    from bench.defenses.entropy import EntropyReduction
 
 GRAMMAR = (
     "none | entropy-reduction[:key=value,...] with keys stages (int >= 1), steps (int >= 0), "
@@ -46,14 +41,6 @@ def parse_count(text: str, key: str, spec: str, low: int) -> int:
     return int(text)
 
 
-def format_fraction(x: float) -> str:
-    """'2/255' for an exact multiple of 1/255, else the shortest decimal ('0' for zero)."""
-    n = round(x * 255)
-    if x != 0 and n != 0 and n / 255 == x:
-        return f"{n}/255"
-    return format_number(x)
-
-
 def parse_options(spec: str, name: str, keys: Collection[str]) -> dict[str, str]:
     """The raw key=value pairs of `name[:k=v,...]`; BenchError on unknown, repeated or malformed keys."""
     head, sep, tail = spec.strip().partition(":")
@@ -73,14 +60,3 @@ def parse_options(spec: str, name: str, keys: Collection[str]) -> dict[str, str]
             raise BenchError(f"bad defense {spec!r}: key {key!r} is given twice")
         options[key] = value.strip()
     return options
-
-
-def parse_defense(spec: str | None) -> EntropyReduction | None:
-    """The defense a spec names, or None for `none` (no defense)."""
-    from bench.defenses.entropy import EntropyReduction
-
-    if spec is None or (isinstance(spec, str) and spec.strip() == "none"):
-        return None
-    if not isinstance(spec, str):
-        raise BenchError(f"defense spec must be a string; grammar: {GRAMMAR}")
-    return EntropyReduction.parse(spec)

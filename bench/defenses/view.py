@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench.defenses.entropy import DefendedResult, EntropyReduction
-from bench.defenses.specs import parse_defense
+from bench.defenses.entropy import DefendedResult, EntropyReduction, parse_defense
 from bench.deq.estimators import Estimator, parse_estimator
 from bench.deq.readouts import (
     EnsembleLogitReadout,
@@ -238,10 +237,6 @@ class AdaptiveView(_DefendedView):
             self.estimator = self._check_estimator(
                 parse_estimator(estimator) if isinstance(estimator, str) else estimator
             )
-
-    @property
-    def estimator_spec(self) -> str:
-        return BPTT if self.estimator is None else self.estimator.spec
 
     def memory_cost(self) -> dict[str, int]:
         """Per example: f applications, injections, Broyden vectors and input-sized replay steps kept in

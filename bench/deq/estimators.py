@@ -35,9 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bench.deq.readouts import damped_steps
 from bench.deq.solvers import solve
 from bench.deq.trajectory import Trajectory
 from bench.errors import BenchError
+from bench.numbers import format_number
 
 GRAMMAR = (
     "exact | exact:T:tol | unroll:K:lam | state:t:K:lam | neumann:K | adjoint:t "
@@ -47,23 +49,10 @@ PAPER_BACKWARD_STEPS = 7  # B_THRES of the papers' configs
 PAPER_BACKWARD_TOL = 1e-3
 
 
-def format_number(x: float) -> str:
-    """Shortest text that parses back to the same float, without a trailing '.0' ('1', '0.5', '1e-06')."""
-    text = repr(float(x))
-    return text[:-2] if text.endswith(".0") else text
-
-
 def _detach(u: Any) -> Any:
     if isinstance(u, Tensor):
         return u.detach()
     return type(u)(_detach(part) for part in u)
-
-
-def _damped_steps(model: Any, y: Tensor, u: Any, steps: int, lam: float) -> Tensor:
-    """y <- (1 - lam) y + lam f(y), `steps` times (lam = 1 is plain f, exactly as the papers' F-unroll)."""
-    for _ in range(steps):
-        y = model.f(y, u) if lam == 1 else (1 - lam) * y + lam * model.f(y, u)
-    return y
 
 
 def _copy_graph(model: Any, z: Tensor, u: Any) -> tuple[Tensor, Tensor]:
@@ -249,7 +238,7 @@ class Unroll(Estimator):
     def surrogate(self, model: Any, u: Any, traj: Trajectory) -> Tensor:
         start = traj.result if self.t is None else traj.state(self.t)
         y = model.f(start.detach(), u)
-        return model.head(_damped_steps(model, y, u, self.steps, self.lam))
+        return model.head(damped_steps(model, y, u, self.steps, self.lam))
 
 
 # ----- spec strings ---------------------------------------------------------------------------------

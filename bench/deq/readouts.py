@@ -49,14 +49,18 @@ def solve_model(
     return solve(model.f, z0, u=u, **common)
 
 
+def damped_steps(model: Any, y: Tensor, u: Any, steps: int, lam: float) -> Tensor:
+    """y <- (1 - lam) y + lam f(y), `steps` times (lam = 1 is plain f, exactly as the papers' F-unroll)."""
+    for _ in range(steps):
+        y = model.f(y, u) if lam == 1 else (1 - lam) * y + lam * model.f(y, u)
+    return y
+
+
 def refined_final_state(model: Any, traj: Trajectory, u: Any) -> Tensor:
     """The deployed final state: z*, then f once if deploy.refine_apply_f, then refine_steps damped steps."""
     deploy = model.deploy
     y = model.f(traj.result, u) if deploy.refine_apply_f else traj.result
-    lam = deploy.refine_lambda
-    for _ in range(deploy.refine_steps):
-        y = model.f(y, u) if lam == 1 else (1 - lam) * y + lam * model.f(y, u)
-    return y
+    return damped_steps(model, y, u, deploy.refine_steps, deploy.refine_lambda)
 
 
 def _mean(tensors: list[Tensor]) -> Tensor:

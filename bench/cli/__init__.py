@@ -1,4 +1,6 @@
-"""The `bench` command line. The only place that turns a BenchError into one stderr line and exit code 2."""
+"""The `bench` command line: the only importer of typer, and the only place that turns a BenchError into
+one stderr line and exit code 2. Each command parses its flags into the typed specs (bench.spec) and calls
+one function below; nothing under here computes."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import typer
 from bench import __version__
 from bench.console import print_json, print_table
 from bench.errors import BenchError
+from bench.spec import DEFAULT_SHARD_TIMEOUT_S, EvalConfig
 
 try:  # typer >= 0.2x vendors click; older ones use the click package
     from typer._click import exceptions as click_exceptions
@@ -75,13 +78,6 @@ def models(
     print_table("deq-bench model registry", columns, table_rows)
 
 
-def _split(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    return items or None
-
-
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `bench models`).")],
@@ -115,6 +111,20 @@ def evaluate(
             "(attacked in transfer, BPDA and adaptive modes; the worst case is reported)."
         ),
     ] = "none",
+    deploy: Annotated[
+        str | None,
+        typer.Option(
+            help="DEQ deployed prediction: fz (alias real: f(z*) only) or unroll:K:lam (f(z*) then K damped "
+            "steps); default: the registry's."
+        ),
+    ] = None,
+    batching: Annotated[
+        str,
+        typer.Option(
+            help="per-example (results independent of batch composition) | papers (the papers' batch-wide "
+            "solver stop rule and lowest-residual pick)."
+        ),
+    ] = "per-example",
     batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 50,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="Base seed of every attack's randomness.")] = 0,
@@ -131,14 +141,13 @@ def evaluate(
     ] = None,
     shard_timeout: Annotated[
         float, typer.Option(help="Seconds a shard waits for rank 0's sweep or for the other ranks.")
-    ] = 21600.0,
+    ] = DEFAULT_SHARD_TIMEOUT_S,
 ) -> None:
     """Attack a model with the white-box suite and record per-example results."""
-    from bench.evaluate import EvalConfig
     from bench.evaluate import evaluate as run_evaluation
-    from bench.report import print_summary
+    from bench.report.summary import print_summary
 
-    cfg = EvalConfig(
+    spec, options = EvalConfig(
         model=model,
         checkpoint=checkpoint,
         dataset=dataset,
@@ -147,10 +156,12 @@ def evaluate(
         n_examples=n_examples,
         eps=eps,
         suite=suite,
-        attacks=_split(attacks),
-        grads=_split(grads),
-        readouts=_split(readouts),
+        attacks=attacks,
+        grads=grads,
+        readouts=readouts,
         defense=defense,
+        deploy=deploy,
+        batching=batching,
         batch_size=batch_size,
         device=device,
         seed=seed,
@@ -161,8 +172,8 @@ def evaluate(
         quiet=quiet,
         shard=shard,
         shard_timeout=shard_timeout,
-    )
-    document, path, reused = run_evaluation(cfg)
+    ).parse()
+    document, path, reused = run_evaluation(spec, options)
     if (
         document is None
     ):  # a shard that did its batches; rank 0 / the last shard / `bench merge` writes the record
@@ -173,11 +184,8 @@ def evaluate(
     print_summary(document, path, reused)
 
 
-from bench.check import check_command  # noqa: E402
-from bench.leaderboard import leaderboard_command  # noqa: E402  (no heavy imports at module level)
-from bench.merge import merge_command  # noqa: E402
-from bench.plots import plot_command  # noqa: E402
-from bench.train import train_command  # noqa: E402
+from bench.cli.report import check_command, leaderboard_command, merge_command, plot_command  # noqa: E402
+from bench.cli.train import train_command  # noqa: E402
 
 app.command("leaderboard")(leaderboard_command)
 app.command("check")(check_command)

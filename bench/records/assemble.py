@@ -1,4 +1,5 @@
-"""Assembling a run's record from its stage files, and `bench merge`.
+"""Assembling a run's record from its stage files (batch columns -> one record with its summary), and
+`bench merge`.
 
 A run's `.partial/<run_id>/` holds a manifest (`run.json`: the spec and the environment), the sweep stages,
 one file per finished batch and one session file per process that worked on it. The record is always built
@@ -13,13 +14,16 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import torch
 
 from bench.distributed import Shard, describe_batches
 from bench.errors import BenchError
-from bench.records import RunStore
+from bench.io import atomic_write_tensor
+from bench.records.read import read_record
+from bench.records.schema import COLUMN_KEYS, add_timings, timings_list, unique_warnings
+from bench.records.store import RunStore
 
 MANIFEST = "run"
 
@@ -32,13 +36,25 @@ def session_stage(shard: Shard) -> str:
     return f"shard-r{shard.rank:05d}-w{shard.world:05d}"
 
 
-def save_manifest(
-    store: RunStore, run_name: str, spec: dict[str, Any], n_batches: int, provenance: dict[str, Any]
-) -> None:
+def manifest_of(
+    run_name: str,
+    spec: dict[str, Any],
+    request: dict[str, Any],
+    n_batches: int,
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
     """What `bench merge` needs to assemble without loading the model or the data."""
-    store.save_stage(
-        MANIFEST, {"run_name": run_name, "spec": spec, "n_batches": n_batches, "provenance": provenance}
-    )
+    return {
+        "run_name": run_name,
+        "spec": spec,
+        "request": request,
+        "n_batches": n_batches,
+        "provenance": provenance,
+    }
+
+
+def save_manifest(store: RunStore, manifest: dict[str, Any]) -> None:
+    store.save_stage(MANIFEST, manifest)
 
 
 def record_session(store: RunStore, shard: Shard, session: dict[str, Any]) -> None:
@@ -67,7 +83,6 @@ def assemble(
     store: RunStore, manifest: dict[str, Any], *, device: str | None, started: float
 ) -> dict[str, Any] | None:
     """Build and write the record from the stage files; None if one is gone (another process finished)."""
-    from bench.evaluate import _merge_batches, _save_tensor, summarize
     from bench.sanity import flags_fired, square_check
 
     spec, n_batches = manifest["spec"], int(manifest["n_batches"])
@@ -84,7 +99,9 @@ def assemble(
         if stage is None:
             return None
         selection[name], sweep_tables[name] = stage["chosen"], stage["table"]
-    parts, seconds, warnings = [], {}, []
+    parts: list[dict[str, Any]] = []
+    seconds: dict[tuple[str, ...], float] = {}
+    warnings: list[dict[str, Any]] = []
     first_sanity: dict[str, Any] = {}
     for b in range(n_batches):
         stage = store.load_stage(batch_stage(b))
@@ -93,16 +110,16 @@ def assemble(
         if b == 0:
             first_sanity = stage.get("sanity") or {}
         parts.append(stage["columns"])
-        for k, v in stage["seconds"].items():
-            seconds[k] = seconds.get(k, 0.0) + v
+        add_timings(seconds, stage["timings"])
         warnings += stage["warnings"]
 
-    columns = _merge_batches(parts)
+    columns = merge_batches(parts)
+    warnings = unique_warnings(warnings)
     sessions = _sessions(store)
     sanity = {
         **first_sanity,
         "square": square_check(columns),
-        "autoattack_warnings": sorted(set(warnings)),
+        "autoattack_warnings": warnings,
     }
     sanity["flags"] = flags_fired(sanity)
     results = {
@@ -110,7 +127,7 @@ def assemble(
         "sweep": sweep_tables,
         "columns": columns,
         "summary": summarize(columns, plan_dict),
-        "warnings": sorted(set(warnings)),
+        "warnings": warnings,
         "sanity": sanity,
     }
     early = store.load_stage("early-state")
@@ -122,10 +139,8 @@ def assemble(
         "device": device if device is not None else ", ".join(devices) or None,
         "host": platform.node(),
         "wall_seconds_this_session": round(time.time() - started, 3),
-        "attack_seconds": {k: round(v, 4) for k, v in seconds.items()},
-        "reimplementations": [
-            e for sel in selection.values() for es in sel.values() for e in es if e.startswith("adjoint")
-        ],
+        "attack_seconds": timings_list(seconds),
+        "reimplementations": reimplementations(selection),
         # who ran which batches: provenance, not results, so results match a single-process run
         "shard_plan": {
             "n_batches": n_batches,
@@ -138,12 +153,11 @@ def assemble(
         "schema": spec["schema"],
         "run_id": store.run_id,
         "spec": spec,
+        "request": manifest.get("request"),
         "results": results,
         "provenance": provenance,
     }
     if spec["save_adversarial"]:
-        import torch
-
         pieces = []
         for b in range(n_batches):
             path = store.partial_dir / f"adv-{b:05d}.pt"
@@ -152,10 +166,26 @@ def assemble(
             pieces.append(torch.load(path, weights_only=True))
         tensors = {r: torch.cat([p[r] for p in pieces]) for r in readouts}
         adv_path = store.final_path.with_suffix(".adv.pt")
-        _save_tensor(adv_path, tensors["final"] if "final" in tensors else tensors[readouts[0]])
+        atomic_write_tensor(adv_path, tensors["final"] if "final" in tensors else tensors[readouts[0]])
         provenance["adversarial_examples"] = str(adv_path)
     store.write_final(document)
     return document
+
+
+def reimplementations(selection: dict[str, dict[str, list[str]]]) -> list[str]:
+    """The chosen estimators that re-implement a method whose authors' code is not public."""
+    from bench.defenses.view import BPTT
+    from bench.deq.estimators import parse_estimator
+    from bench.spec import AUTOGRAD, ViewSpec
+
+    out = []
+    for chosen in selection.values():
+        for readout, labels in chosen.items():
+            for label in labels:
+                estimator = ViewSpec.from_label(readout, label).estimator
+                if estimator not in (AUTOGRAD, BPTT) and parse_estimator(estimator).reimplementation:
+                    out.append(label)
+    return out
 
 
 def _load_manifest(partial: Path) -> dict[str, Any] | None:
@@ -202,8 +232,6 @@ def merge_run(results_dir: str | Path, run_id: str | None = None) -> tuple[dict[
     if manifest is None:
         done = sorted(root.glob(f"*-{run_id}.json"))
         if done:
-            from bench.records import read_record
-
             return read_record(done[0]), done[0], True
         if partial.is_dir():
             raise BenchError(
@@ -225,18 +253,76 @@ def merge_run(results_dir: str | Path, run_id: str | None = None) -> tuple[dict[
     return document, store.final_path, False
 
 
-def merge_command(
-    results_dir: Annotated[str, typer.Option(help="The results directory the shards wrote to.")] = "results",
-    run_id: Annotated[
-        str | None, typer.Option(help="Which unfinished run (default: the only one there).")
-    ] = None,
-    quiet: Annotated[bool, typer.Option(help="Print only the record's path.")] = False,
-) -> None:
-    """Assemble a sharded run (SLURM array, --shard) from its batch files once every shard has finished."""
-    from bench.report import print_summary
+def merge_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate batch columns; attack columns are matched by their identity, in the plan's order."""
+    base = [{k: v for k, v in p.items() if k != "attacks"} for p in parts]
+    merged = concat_columns(base)
+    ids = [tuple(c[k] for k in COLUMN_KEYS) for c in parts[0]["attacks"]]
+    cols = []
+    for i, ident in enumerate(ids):
+        rows = [p["attacks"][i] for p in parts]
+        if any(tuple(r[k] for k in COLUMN_KEYS) != ident for r in rows):
+            raise BenchError("cannot merge batches: their attack columns differ")
+        col = dict(zip(COLUMN_KEYS, ident, strict=True))
+        for key in ("attacked", "broken", "linf"):
+            col[key] = [v for r in rows for v in r[key]]
+        cols.append(col)
+    merged["attacks"] = cols
+    return merged
 
-    document, path, reused = merge_run(results_dir, run_id)
-    if quiet:
-        print(path)
-        return
-    print_summary(document, path, reused)
+
+def summarize(columns: dict[str, Any], plan_dict: dict[str, Any]) -> dict[str, Any]:
+    """Percent accuracies from the per-example columns: clean, per group, per attack (cumulative), All."""
+    labels = torch.tensor(columns["label"])
+    n = len(labels)
+    out: dict[str, Any] = {"n_examples": n, "readouts": {}}
+    for readout in plan_dict["readouts"]:
+        clean_ok = torch.tensor(columns["clean"][readout]["pred"]) == labels
+        all_ok = clean_ok.clone()
+        groups: dict[str, Any] = {}
+        for col in columns["attacks"]:
+            if col["readout"] != readout:
+                continue
+            gkey = (col["protocol"], col["group"])
+            g = groups.setdefault(gkey, {"robust": clean_ok.clone(), "attacks": {}})
+            g["robust"] &= ~torch.tensor(col["broken"], dtype=torch.bool)
+            g["attacks"][f"{col['attack']} [{col['estimator']}]"] = 100.0 * g["robust"].sum().item() / n
+            all_ok &= ~torch.tensor(col["broken"], dtype=torch.bool)
+        protocols: dict[str, Any] = {}
+        for (protocol, group), g in groups.items():
+            p = protocols.setdefault(protocol, {"groups": {}, "robust": clean_ok.clone()})
+            p["groups"][group] = {
+                "robust_acc": 100.0 * g["robust"].sum().item() / n,
+                "cumulative": g["attacks"],
+            }
+            p["robust"] &= g["robust"]
+        out["readouts"][readout] = {
+            "clean_acc": 100.0 * clean_ok.sum().item() / n,
+            "all_acc": 100.0 * all_ok.sum().item() / n,
+            "protocols": {
+                name: {"groups": p["groups"], "all_acc": 100.0 * p["robust"].sum().item() / n}
+                for name, p in protocols.items()
+            },
+        }
+    return out
+
+
+def concat_columns(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate per-example column trees (nested dicts whose leaves are equal-length lists)."""
+    if not parts:
+        return {}
+    first = parts[0]
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            out[key] = concat_columns([p[key] for p in parts])
+        elif isinstance(value, list):
+            merged: list[Any] = []
+            for p in parts:
+                merged.extend(p[key])
+            out[key] = merged
+        else:
+            if any(p[key] != value for p in parts):
+                raise BenchError(f"cannot merge: field {key!r} differs between parts")
+            out[key] = value
+    return out

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError, did_you_mean
+from bench.records.schema import adversarial_entries
+from bench.spec import format_eps
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 IMAGE_FORMATS = ("png", "svg", "pdf")
-FIGURES = ("state-accuracy", "state-residual", "state-entropy", "final-residual")
 _METADATA = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 
@@ -53,11 +52,10 @@ def per_state(values: Any, n: int, what: str) -> np.ndarray:
 
 def _adversarial(columns: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(label, entry) per attack group's worst-case inputs, e.g. 'white-box pgd' (+ readout if several)."""
-    entries = columns.get("adversarial", {})
-    readouts = {key.split("|")[-1] for key in entries}
+    entries = list(adversarial_entries(columns))
+    readouts = {readout for _, _, readout, _ in entries}
     out = []
-    for key, entry in entries.items():
-        protocol, group, readout = [*key.split("|"), "", "", ""][:3]
+    for protocol, group, readout, entry in entries:
         label = f"{protocol} {group}" + (f" [{readout}]" if len(readouts) > 1 else "")
         out.append((label, entry))
     return out
@@ -138,7 +136,6 @@ def _style(label: str) -> dict[str, Any]:
 
 
 def _subtitle(doc: dict[str, Any]) -> str:
-    from bench.leaderboard import format_eps
 
     spec = doc["spec"]
     n = len(doc["results"]["columns"]["label"])
@@ -277,31 +274,26 @@ def parse_formats(text: str) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def plot_command(
-    results_dir: Annotated[str, typer.Option(help="Where the run records are.")] = "results",
-    run: Annotated[str | None, typer.Option(help="Plot this one run record only.")] = None,
-    out: Annotated[
-        str | None, typer.Option(help="Folder for the figures (default: plots/ beside the records).")
-    ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="Comma-separated image formats: png, svg, pdf.")] = (
-        "png,svg"
-    ),
-) -> None:
-    """Figures of the DEQ dynamics, clean vs adversarial: accuracy, residual and entropy along the solver."""
-    from bench.leaderboard import load_run, load_runs
+def plot_records(results_dir: str, run: str | None, out: str | None, fmt: str) -> list[str]:
+    """Every figure of the chosen records; returns the lines to print (skips, then files written)."""
+    from bench.records.read import iter_records, read_record
 
     formats = parse_formats(fmt)
-    runs = [load_run(run)] if run is not None else load_runs(results_dir)
+    if run is not None:
+        if not Path(run).is_file():
+            raise BenchError(f"run record {run} does not exist")
+        runs = [(Path(run), read_record(run))]
+    else:
+        runs = list(iter_records(results_dir))
+        if not runs:
+            raise BenchError(f"no run records in {results_dir}; run `bench evaluate` first")
     out_dir = Path(out) if out is not None else (Path(run).parent if run else Path(results_dir)) / "plots"
     written: list[Path] = []
     skipped: list[str] = []
-    for r in runs:
-        files, notes = plot_run(r.path, r.doc, out_dir, formats)
+    for path, doc in runs:
+        files, notes = plot_run(path, doc, out_dir, formats)
         written += files
         skipped += notes
-    for note in skipped:
-        print(note)
     if not written:
         raise BenchError(f"no figures written: {skipped[0] if skipped else 'no runs'}")
-    for path in written:
-        print(f"wrote {path}")
+    return [*skipped, *(f"wrote {path}" for path in written)]

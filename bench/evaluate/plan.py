@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bench.errors import BenchError, did_you_mean
-
-SUITES = ("quick", "ready-made", "white-box", "full", "lite")
-AUTOGRAD = "autograd"  # the estimator name of a plain (non-DEQ) network: its own backward pass
+from bench.attacks.specs import STANDARD_AA
+from bench.defenses.view import BPTT
+from bench.errors import BenchError
+from bench.spec import AUTOGRAD, DEFENSE_MODES, AttackMode, RunSpec, ViewSpec, default_n_dev
 
 
 @dataclass(frozen=True)
@@ -68,28 +68,16 @@ def white_box_candidates(max_iter: int, level: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-STANDARD_AA = ("apgd-ce", "apgd-t", "fab-t", "square")
 LITE_AA = ("apgd-ce:20", "apgd-t:20:3", "fab-t:20:3", "square:300")
 
 
-def build_plan(
-    suite: str,
-    *,
-    is_deq: bool,
-    max_iter: int,
-    ready_made_estimator: str,
-    attacks: list[str] | None = None,
-    grads: list[str] | None = None,
-    readouts: list[str] | None = None,
-    n_dev: int | None = None,
-) -> Plan:
-    """Expand a suite name and the user's overrides into a Plan.
+def build_plan(spec: RunSpec, *, is_deq: bool, max_iter: int, ready_made_estimator: str) -> Plan:
+    """Expand the spec's suite and overrides into a Plan.
 
     `attacks` replaces every protocol's attacks (each in its own group, so each gets its own number);
     `grads` fixes the white-box estimators (no sweep); `readouts` replaces the default ['final'].
     """
-    if suite not in SUITES:
-        raise BenchError(f"unknown suite {suite!r}{did_you_mean(suite, SUITES)}")
+    suite, attacks, grads, readouts = spec.suite, spec.attacks, spec.grads, spec.readouts
     readouts_t = tuple(readouts) if readouts else ("final",)
     if not is_deq:
         if readouts and readouts_t != ("final",):
@@ -118,7 +106,7 @@ def build_plan(
             level = "quick" if suite in ("quick", "lite") else "full"
             sweep = SweepConfig(
                 attack="pgd:5" if quick else "pgd-10",
-                n_dev=n_dev if n_dev is not None else (16 if quick else 100),
+                n_dev=spec.n_dev if spec.n_dev is not None else default_n_dev(suite),
                 top_k=1 if quick else 2,
                 candidates=white_box_candidates(max_iter, level),
             )
@@ -148,3 +136,16 @@ def plan_to_dict(plan: Plan) -> dict[str, object]:
         "readouts": list(plan.readouts),
         "protocols": [protocol_dict(p) for p in plan.protocols],
     }
+
+
+def views_of(estimators: list[str] | tuple[str, ...], readout: str, defended: bool) -> list[ViewSpec]:
+    """Every view a protocol attacks a readout through, for the estimators chosen on the undefended model.
+
+    Undefended: one view per estimator. Defended: transfer@e (crafted on the undefended model, as the
+    paper's code does), bpda@e (forward through the defense, backward through e) and adaptive@bptt (end
+    to end through the defense's input updates); the reported number is their per-example worst case.
+    """
+    if not defended:
+        return [ViewSpec(readout, e) for e in estimators]
+    modes = [ViewSpec(readout, e, mode) for mode in DEFENSE_MODES[:2] for e in estimators]
+    return [*modes, ViewSpec(readout, BPTT, AttackMode.ADAPTIVE)]

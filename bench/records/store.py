@@ -1,4 +1,4 @@
-"""Per-example run records: identity, atomic storage, per-batch progress for resume, and merging.
+"""Where a run's record and its progress live: identity, atomic storage, per-batch stages, sweep cache.
 
 A run is identified by the hash of everything that determines its results (its spec). Its document holds
 `results` (deterministic: per-example arrays and what was chosen) apart from `provenance` (versions, host,
@@ -13,14 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.errors import BenchError
 from bench.io import atomic_write_json
-
-SCHEMA_VERSION = 1
 
 
 def canonical_json(obj: Any) -> str:
@@ -30,12 +26,6 @@ def canonical_json(obj: Any) -> str:
 def run_id_of(spec: dict[str, Any]) -> str:
     """A short stable id of a run spec: same arguments and inputs -> same id -> resume or reuse."""
     return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from a base seed and labels (attack, batch, example): independent streams per key."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 def _load_or_none(path: Path) -> dict[str, Any] | None:
@@ -59,6 +49,8 @@ class RunStore:
         self.partial_dir = self.results_dir / ".partial" / run_id
 
     def finished(self) -> dict[str, Any] | None:
+        from bench.records.read import read_record
+
         if not self.final_path.is_file():
             return None
         return read_record(self.final_path)
@@ -102,47 +94,3 @@ class SweepCache:
 
     def save(self, key: str, payload: dict[str, Any]) -> None:
         atomic_write_json(self.dir / f"{key}.json", payload)
-
-
-def read_record(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BenchError(f"cannot read run record {path}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_VERSION or "results" not in doc:
-        raise BenchError(f"{path} is not a deq-bench run record (schema {SCHEMA_VERSION})")
-    return doc
-
-
-def iter_records(results_dir: str | Path) -> Iterable[tuple[Path, dict[str, Any]]]:
-    """Every finished run record directly under results_dir (partial progress is ignored)."""
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise BenchError(f"results directory {root} does not exist")
-    for path in sorted(root.glob("*.json")):
-        try:
-            yield path, read_record(path)
-        except BenchError:
-            continue
-
-
-def concat_columns(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate per-example column trees (nested dicts whose leaves are equal-length lists)."""
-    if not parts:
-        return {}
-    first = parts[0]
-    out: dict[str, Any] = {}
-    for key, value in first.items():
-        if isinstance(value, dict):
-            out[key] = concat_columns([p[key] for p in parts])
-        elif isinstance(value, list):
-            merged: list[Any] = []
-            for p in parts:
-                merged.extend(p[key])
-            out[key] = merged
-        else:
-            if any(p[key] != value for p in parts):
-                raise BenchError(f"cannot merge: field {key!r} differs between parts")
-            out[key] = value
-    return out

@@ -24,45 +24,25 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError, did_you_mean
 from bench.paths import PACKAGE_DIR
+from bench.records.schema import adversarial_entries
+from bench.report.flags import INFO_FLAGS, MEASURED, REPORTED, classify_warning
+from bench.spec import ZOO_PREFIX, format_eps, parse_eps
 
 if TYPE_CHECKING:
     import pandas as pd
 
-MEASURED = "measured"
-REPORTED = "reported"
 REFERENCE_CSV = PACKAGE_DIR / "reference" / "paper_results.csv"
 VIEWS = ("main", "gap")
 LEVELS = ("protocol", "group", "attack", "estimator")
 
-# Warning texts (AutoAttack's checks, the orchestrator's re-check) -> short flag names; first match wins.
-FLAG_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("dynamic-check-unsupported", "not currently supported"),
-    ("randomized", "randomized defense"),
-    ("probability-output", "probability distribution"),
-    ("zero-grad", "zero gradient"),
-    ("square-beats-gradient", "square attack has decreased"),
-    ("dynamic-defense", "dynamic defense"),
-    ("recheck-mismatch", "on re-check"),
-    ("n-classes", "target classes"),
-    ("n-classes", "dlr loss"),
-)
-# Flags that say something about the setup but not that the robustness number may be overestimated.
-INFO_FLAGS = frozenset({"dynamic-check-unsupported", "n-classes", "white-box-weaker"})
-# the evaluator writes "<attack> [<estimator>, <readout>]: <message>"
-_WARNING_RE = re.compile(
-    r"^(?P<attack>[^\s\[]+) \[(?P<estimator>[^\]]*), (?P<readout>[^\],]+)\]: (?P<msg>.*)$"
-)
-
 
 def arch_key(name: str) -> str:
     """Architecture names compared loosely: 'deq-large' == 'DEQ-Large', 'resnet-18' == 'ResNet-18'."""
-    return re.sub(r"[^a-z0-9]", "", name.lower().removeprefix("robustbench:"))
+    return re.sub(r"[^a-z0-9]", "", name.lower().removeprefix(ZOO_PREFIX))
 
 
 def defense_name(spec: str) -> str:
@@ -75,30 +55,13 @@ def base_dataset(name: str) -> str:
     return name.removesuffix("-builtin")
 
 
-def format_eps(eps: float) -> str:
-    """'8/255' when eps is k/255 (RobustBench's convention), else the shortest decimal."""
-    k = eps * 255
-    if eps > 0 and abs(k - round(k)) < 1e-6:
-        return f"{round(k)}/255"
-    return f"{eps:g}"
-
-
-def classify_warning(message: str) -> str:
-    low = message.lower()
-    for flag, needle in FLAG_PATTERNS:
-        if needle in low:
-            return flag
-    return "warning"
-
-
-def warning_flags(warnings: list[str], readout: str) -> list[str]:
+def warning_flags(warnings: list[dict[str, Any]], readout: str) -> list[str]:
     """Flags of the record's warnings that concern this readout (warnings naming no readout concern all)."""
     flags = []
-    for text in warnings:
-        m = _WARNING_RE.match(text)
-        if m is not None and m.group("readout") != readout:
+    for w in warnings:
+        if w.get("readout") is not None and w["readout"] != readout:
             continue
-        flags.append(classify_warning(m.group("msg") if m else text))
+        flags.append(classify_warning(str(w["message"])))
     return sorted(set(flags))
 
 
@@ -155,7 +118,7 @@ def training_recipe(doc: dict[str, Any]) -> dict[str, Any]:
     A checkpoint given with --checkpoint is not the registered one, so its own metadata describes it
     better; a model missing from the registry (or a zoo model offline) falls back to the record.
     """
-    from bench.registry import ZOO_PREFIX, get_entry
+    from bench.registry import get_entry
 
     spec = doc.get("spec", {})
     own = _recipe_from_record(doc)
@@ -317,14 +280,13 @@ def _empty_columns() -> pd.MultiIndex:
 def _any_diverged(columns: dict[str, Any], readout: str) -> bool:
     """A DEQ solve that diverged on a clean or worst-case input: its gradients are not to be trusted."""
     solvers = [columns.get("clean_solver")]
-    adversarial = columns.get("adversarial", {})
-    solvers += [v.get("solver") for k, v in adversarial.items() if k.endswith(f"|{readout}")]
+    solvers += [e.get("solver") for _, _, r, e in adversarial_entries(columns) if r == readout]
     return any(s and any(s.get("diverged", [])) for s in solvers)
 
 
 def load_runs(results_dir: str | Path) -> list[Run]:
     """Every finished run record in results_dir; a missing directory or none at all is the user's error."""
-    from bench.records import iter_records
+    from bench.records.read import iter_records
 
     runs = [Run(path, doc, path.stat().st_mtime).validate() for path, doc in iter_records(results_dir)]
     if not runs:
@@ -333,7 +295,7 @@ def load_runs(results_dir: str | Path) -> list[Run]:
 
 
 def load_run(path: str | Path) -> Run:
-    from bench.records import read_record
+    from bench.records.read import read_record
 
     path = Path(path)
     if not path.is_file():
@@ -461,8 +423,6 @@ def measured_rows(runs: list[Run]) -> list[dict[str, Any]]:
 def reference_rows(path: str | Path = REFERENCE_CSV) -> list[dict[str, Any]]:
     """The papers' published rows (percent), marked 'reported'; read with pandas, '#' lines are notes."""
     import pandas as pd
-
-    from bench.registry import parse_eps
 
     try:
         table = pd.read_csv(path, comment="#", dtype=str, keep_default_na=False)
@@ -608,57 +568,41 @@ def gap_rows(main: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, dtype=object)
 
 
-# ----- the command --------------------------------------------------------------------------------------
+# ----- the command's work ------------------------------------------------------------------------------
 
 
-def _check_view(view: str) -> str:
+def check_view(view: str) -> str:
     if view not in VIEWS:
         raise BenchError(f"unknown view {view!r}{did_you_mean(view, VIEWS)}")
     return view
 
 
-def leaderboard_command(
-    results_dir: Annotated[str, typer.Option(help="Where the run records are.")] = "results",
-    dataset: Annotated[str | None, typer.Option(help="Only rows of this data set.")] = None,
-    fmt: Annotated[
-        str, typer.Option("--format", help="table | md | csv | latex | html | json | robustbench")
-    ] = "table",
-    output: Annotated[str | None, typer.Option(help="Write to this file instead of stdout.")] = None,
-    view: Annotated[str, typer.Option(help="main (Clean/PGD/AA/All) | gap (ready-made vs white-box).")] = (
-        "main"
-    ),
-    run: Annotated[
-        str | None, typer.Option(help="Use this one run record instead of the results directory.")
-    ] = None,
-    readout: Annotated[
-        str | None, typer.Option(help="Readout for --format robustbench (default: final).")
-    ] = None,
-    reference: Annotated[
-        bool, typer.Option(help="Show the papers' reported rows beside the measured ones.")
-    ] = True,
-) -> None:
-    """Leaderboard from per-example records: Clean | PGD | AA | All per model, method, defense, readout."""
-    from bench import exports
-    from bench.io import atomic_write_text
+def render_leaderboard(
+    results_dir: str,
+    dataset: str | None,
+    fmt: str,
+    view: str,
+    run: str | None,
+    readout: str | None,
+    reference: bool,
+    *,
+    to_terminal: bool,
+) -> str | None:
+    """The leaderboard as text in `fmt`, or None when it was printed as tables (fmt table, no file)."""
+    from bench.report import exports
 
-    view = _check_view(view)
+    view = check_view(view)
     if fmt not in exports.FORMATS:
         raise BenchError(f"unknown format {fmt!r}{did_you_mean(fmt, exports.FORMATS)}")
     if fmt == "robustbench":
         if run is None:
             raise BenchError("--format robustbench exports one run: pass --run FILE")
-        text = exports.model_info_json(run_row(load_run(run), readout))
-    else:
-        runs = [load_run(run)] if run is not None else load_runs(results_dir)
-        table = leaderboard_rows(runs, dataset, reference)
-        if view == "gap":
-            table = gap_rows(table)
-        if fmt == "table" and output is None:
-            exports.print_tables(table, view)
-            return
-        text = exports.render(table, fmt, view)
-    if output is None:
-        print(text, end="" if text.endswith("\n") else "\n")
-    else:
-        atomic_write_text(output, text)
-        print(f"wrote {output}")
+        return exports.model_info_json(run_row(load_run(run), readout))
+    runs = [load_run(run)] if run is not None else load_runs(results_dir)
+    table = leaderboard_rows(runs, dataset, reference)
+    if view == "gap":
+        table = gap_rows(table)
+    if fmt == "table" and to_terminal:
+        exports.print_tables(table, view)
+        return None
+    return exports.render(table, fmt, view)

@@ -9,16 +9,16 @@ dash, never as 0.
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import __version__
 from bench.errors import BenchError
-from bench.leaderboard import INFO_FLAGS, REPORTED
+from bench.report.flags import INFO_FLAGS, REPORTED
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -301,79 +301,50 @@ def render_latex(table: pd.DataFrame, view: str) -> str:
 
 # ----- HTML ---------------------------------------------------------------------------------------------
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:1.5rem;color:#1b1f24}
-h1{font-size:1.4rem;margin-bottom:.3rem}
-h2{font-size:1.1rem;margin-top:2rem}
-table{border-collapse:collapse;font-size:.82rem}
-th,td{padding:.28rem .45rem;border-bottom:1px solid #d8dee4;text-align:left}
-th,td.num,td.eps_text,td.model,td.readout{white-space:nowrap}
-th{background:#f3f5f7;border-bottom:2px solid #8c959f}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.reported td{background:#f8f5ea;color:#59636e;font-style:italic}
-td.method{min-width:9rem}
-tr.unreliable td.all{text-decoration:underline wavy #c0392b}
-.scroll{overflow-x:auto;max-width:100%}
-.flag{display:inline-block;margin-right:.2rem;padding:0 .4rem;border-radius:.6rem;font-size:.75rem;
-font-style:normal;white-space:nowrap;background:#ffe1de;color:#8a1c12}
-.flag.info{background:#e6edfb;color:#1d3f8a}
-.note{color:#57606a;font-size:.85rem;max-width:62rem}
-"""
 
-
-def _html_cell(row: dict[str, Any], col: Column) -> str:
-    classes = [col.key] + (["num"] if col.numeric else [])
+def _html_cell(row: dict[str, Any], col: Column) -> dict[str, Any]:
+    """What the template shows in one cell (it escapes every value)."""
+    flags = None
     if col.kind == "flags":
-        badges = [
-            f'<span class="flag{" info" if f in INFO_FLAGS else ""}">{html.escape(f)}</span>'
-            for f in row.get("flags") or []
-        ]
-        content = "".join(badges)
-    else:
-        content = html.escape(cell(row.get(col.key), col.kind))
-    title = ""
-    if col.key == "source" and row.get("citation"):
-        title = f' title="{html.escape(str(row["citation"]))}"'
-    return f'<td class="{" ".join(classes)}"{title}>{content}</td>'
+        flags = [{"name": f, "info": f in INFO_FLAGS} for f in row.get("flags") or []]
+    return {
+        "classes": " ".join([col.key] + (["num"] if col.numeric else [])),
+        "text": cell(row.get(col.key), col.kind),
+        "flags": flags,
+        "title": str(row["citation"]) if col.key == "source" and row.get("citation") else None,
+    }
 
 
 def render_html(table: pd.DataFrame, view: str) -> str:
-    """One self-contained page: inline CSS, no scripts, no external assets; one table per data set."""
+    """One self-contained page from templates/leaderboard.html.j2: inline CSS, no scripts, no external
+    assets; one table per data set. Jinja2 escapes every value (model names are user input)."""
+    import jinja2
+
     cols = columns_for(view)
-    note = GAP_DEFINITIONS if view == "gap" else DEFINITIONS
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        '<head><meta charset="utf-8"><title>deq-bench leaderboard</title>',
-        f"<style>{_CSS}</style></head>",
-        "<body>",
-        f"<h1>deq-bench leaderboard{' — ready-made vs white-box' if view == 'gap' else ''}</h1>",
-        f'<p class="note">{html.escape(note)}</p>',
-    ]
-    citations: list[str] = []
+    tables, citations = [], []
     for dataset, rows in _by_dataset(table):
-        out.append(f"<h2>{html.escape(_title(dataset, rows))}</h2>")
-        out.append('<div class="scroll"><table>')
-        head = "".join(f'<th class="{"num" if c.numeric else ""}">{html.escape(c.header)}</th>' for c in cols)
-        out.append(f"<thead><tr>{head}</tr></thead><tbody>")
+        shown = []
         for row in rows:
             classes = [str(row.get("source", "measured"))] + (["unreliable"] if row.get("unreliable") else [])
-            cells = "".join(_html_cell(row, c) for c in cols)
-            out.append(f'<tr class="{" ".join(classes)}">{cells}</tr>')
+            shown.append({"classes": " ".join(classes), "cells": [_html_cell(row, c) for c in cols]})
             if row.get("citation"):
                 citations.append(str(row["citation"]))
-        out.append("</tbody></table></div>")
-    if citations:
-        items = "".join(f"<li>{html.escape(c)}</li>" for c in dict.fromkeys(citations))
-        out.append('<p class="note">Reported rows (shaded, italic) come from:</p>')
-        out.append(f'<ul class="note">{items}</ul>')
-    out.append(
-        '<p class="note">Red flags: a sanity check fired and the numbers may overestimate robustness '
-        "(the row's All is underlined); blue flags are informational.</p>"
+        tables.append({"title": _title(dataset, rows), "rows": shown})
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).resolve().parent / "templates"),
+        autoescape=True,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
-    out.append(f'<footer class="note">Generated by deq-bench {html.escape(__version__)}.</footer>')
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    return env.get_template("leaderboard.html.j2").render(
+        view=view,
+        note=GAP_DEFINITIONS if view == "gap" else DEFINITIONS,
+        columns=cols,
+        tables=tables,
+        citations=list(dict.fromkeys(citations)),
+        version=__version__,
+    )
 
 
 # ----- RobustBench model_info -----------------------------------------------------------------------------

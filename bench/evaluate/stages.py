@@ -1,0 +1,208 @@
+"""The stages before the batches: the dev set's early state and the white-box estimator sweep.
+
+Each stage is computed once per run (rank 0 of a sharded run; the others wait for its file) and saved in
+the run's `.partial/`; the sweep is also cached across runs (`SweepCache`): runs that differ only in their
+reported examples, attacks or defense share one sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.attacks.orchestrator import run_attacks
+from bench.attacks.specs import parse_attack
+from bench.data import ExampleSet
+from bench.distributed import Shard, wait_for
+from bench.evaluate.execute import Selection, example_seeds
+from bench.evaluate.plan import Plan, Protocol, protocol_dict, views_of
+from bench.evaluate.views import Views
+from bench.progress import Reporter
+from bench.records.store import RunStore, SweepCache
+from bench.spec import EARLY, RunOptions, RunSpec, ViewSpec
+
+# the run-spec fields a white-box sweep depends on (with the sweep's settings and the readouts): runs that
+# share them share one sweep through SweepCache, whatever their reported examples, attacks or defense
+SWEEP_INPUTS = (
+    "schema",
+    "model",
+    "checkpoint_sha256",
+    "random_weights",
+    "dataset",
+    "dev",
+    "eps",
+    "batch_size",
+    "seed",
+    "device",
+    "deploy",
+    "batching",
+    "code",
+)
+EARLY_STAGE = "early-state"
+
+
+def _staged(
+    store: RunStore,
+    name: str,
+    what: str,
+    shard: Shard,
+    timeout: float,
+    compute: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """A run's stage: from its file, from rank 0 (other ranks wait for it), or computed and saved."""
+    stage = store.load_stage(name)
+    if stage is None and shard.rank != 0:
+        stage = wait_for(
+            lambda: store.load_stage(name), f"rank 0's {what} ({store.stage_path(name)})", timeout
+        )
+    if stage is None:
+        stage = compute()
+        store.save_stage(name, stage)
+    return stage
+
+
+def select_early_state(
+    views: Views, dev: ExampleSet, estimator: str, spec: RunSpec, reporter: Reporter
+) -> dict[str, Any]:
+    """The papers' early-exit selection: the state z[t] most robust on the dev set under ready-made PGD-10.
+
+    PGD-10 is crafted through the final readout with the model's own (ready-made) gradient; every state's
+    accuracy on those examples is measured and the best t is chosen (ties: the earliest state).
+    """
+    attack = parse_attack("pgd-10", views.eps)
+    module = views.module(ViewSpec("final", estimator))
+    correct_per_state = None
+    size = spec.batch_size
+    reporter.start("early-state selection", (len(dev) + size - 1) // size)
+    for start in range(0, len(dev), size):
+        x = dev.x[start : start + size].to(views.device)
+        y = dev.y[start : start + size].to(views.device)
+        seeds = example_seeds(spec.seed, "early-state", dev.indices[start : start + size])
+        everyone = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        res = run_attacks(module, x, y, [attack], seeds, clean_correct=everyone, checks=False)
+        states = views.clean_pass(res.results[attack.name].x_adv, ("final",))["states"]
+        ok = (states == y[:, None]).sum(0)
+        correct_per_state = ok if correct_per_state is None else correct_per_state + ok
+        reporter.advance("early-state selection", int(ok.max()), len(x))
+    curve = [100.0 * int(c) / len(dev) for c in correct_per_state]
+    best = max(range(len(curve)), key=lambda i: (curve[i], -i))
+    return {"t": best + 1, "readout": f"state:{best + 1}", "pgd10_acc_per_state": curve, "n_dev": len(dev)}
+
+
+def select_estimators(
+    views: Views,
+    protocol: Protocol,
+    readouts: tuple[str, ...],
+    dev: ExampleSet,
+    spec: RunSpec,
+    reporter: Reporter,
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """The white-box sweep: PGD on the development set with every candidate estimator, per readout.
+
+    The strongest `top_k` (lowest dev robust accuracy; ties keep the candidate order) are chosen.
+    """
+    sweep = protocol.sweep
+    assert sweep is not None
+    attack = parse_attack(sweep.attack, views.eps)
+    x_all, y_all = dev.x.to(views.device), dev.y.to(views.device)
+    chosen: dict[str, list[str]] = {}
+    table: dict[str, Any] = {}
+    for readout in readouts:
+        rows = []
+        for est in sweep.candidates:
+            module = views.module(ViewSpec(readout, est))
+            robust_total = 0
+            for start in range(0, len(dev), spec.batch_size):
+                sl = slice(start, start + spec.batch_size)
+                x, y = x_all[sl], y_all[sl]
+                with torch.no_grad():
+                    correct = module(x).argmax(1) == y
+                seeds = example_seeds(spec.seed, f"sweep|{est}|{readout}", dev.indices[sl])
+                res = run_attacks(module, x, y, [attack], seeds, clean_correct=correct, checks=False)
+                robust_total += int((correct & ~res.results[attack.name].broken).sum())
+            rows.append({"estimator": est, "robust_acc": 100.0 * robust_total / len(dev)})
+            reporter.advance(f"sweep {est} {readout}", robust_total, len(dev))
+        ranked = sorted(range(len(rows)), key=lambda i: (rows[i]["robust_acc"], i))
+        chosen[readout] = [rows[i]["estimator"] for i in ranked[: sweep.top_k]]
+        table[readout] = rows
+    return chosen, table
+
+
+def cached_sweep(
+    views: Views,
+    protocol: Protocol,
+    readouts: tuple[str, ...],
+    dev: ExampleSet,
+    spec: RunSpec,
+    force: bool,
+    reporter: Reporter,
+    identity: dict[str, Any],
+    sweeps: SweepCache,
+) -> dict[str, Any]:
+    """The protocol's sweep from the cross-run cache, or computed and cached (--force recomputes)."""
+    key = SweepCache.key(
+        {
+            **{k: identity[k] for k in SWEEP_INPUTS},
+            "sweep": protocol_dict(protocol)["sweep"],
+            "readouts": [[r, views.resolve(r)] for r in readouts],
+        }
+    )
+    stage = None if force else sweeps.load(key)
+    if stage is None:
+        assert protocol.sweep is not None
+        reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(readouts))
+        chosen, table = select_estimators(views, protocol, readouts, dev, spec, reporter)
+        stage = {"chosen": chosen, "table": table, "key": key}
+        sweeps.save(key, stage)
+    return stage
+
+
+def run_stages(
+    views: Views,
+    plan: Plan,
+    spec: RunSpec,
+    options: RunOptions,
+    dev: ExampleSet | None,
+    ready_made: str,
+    identity: dict[str, Any],
+    store: RunStore,
+    shard: Shard,
+    reporter: Reporter,
+) -> tuple[Views, Selection]:
+    """Resolve the early state, then pick each protocol's estimators: the views every batch attacks."""
+    timeout = options.shard_timeout
+    if EARLY in plan.readouts:
+        assert dev is not None
+        early = _staged(
+            store,
+            EARLY_STAGE,
+            "early-state selection",
+            shard,
+            timeout,
+            lambda: select_early_state(views, dev, ready_made, spec, reporter),
+        )
+        views = views.with_states({EARLY: early["readout"]})
+    sweeps = SweepCache(options.results_dir)
+    selection: Selection = {}
+    defended = views.defense is not None
+    for protocol in plan.protocols:
+        if protocol.sweep is None:
+            chosen = {r: list(protocol.estimators) for r in plan.readouts}
+        else:
+            assert dev is not None
+            stage = _staged(
+                store,
+                f"sweep-{protocol.name}",
+                f"{protocol.name} sweep",
+                shard,
+                timeout,
+                lambda p=protocol: cached_sweep(
+                    views, p, plan.readouts, dev, spec, options.force, reporter, identity, sweeps
+                ),
+            )
+            chosen = stage["chosen"]
+        selection[protocol.name] = {r: views_of(es, r, defended) for r, es in chosen.items()}
+        views.validate(v for vs in selection[protocol.name].values() for v in vs)
+    return views, selection
