@@ -84,7 +84,12 @@ def _split(value: str | None) -> list[str] | None:
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `bench models`).")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="Registered model name (see `bench models`) or package.module:factory."
+        ),
+    ],
     checkpoint: Annotated[
         str | None, typer.Option(help="Weights file overriding the registered one.")
     ] = None,
@@ -137,7 +142,9 @@ def evaluate(
     from bench.evaluate import EvalConfig
     from bench.evaluate import evaluate as run_evaluation
     from bench.report import print_summary
+    from bench.user_models import allow_import
 
+    allow_import(model)  # an import path named here may be imported (never one read from a record)
     cfg = EvalConfig(
         model=model,
         checkpoint=checkpoint,

@@ -552,6 +552,7 @@ def cached_sweep(
     key = SweepCache.key(
         {
             **{k: spec[k] for k in SWEEP_INPUTS},
+            **({"user_model": spec["user_model"]} if "user_model" in spec else {}),  # the user's weights
             "sweep": protocol_dict(protocol)["sweep"],
             "readouts": [[r, ev.resolve(r)] for r in readouts],
         }
@@ -669,7 +670,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
     from bench.defenses import parse_defense
 
     defense = parse_defense(cfg.defense)
-    loaded = load_model(cfg.model, cfg.checkpoint, random_weights=cfg.random_weights)
+    loaded = load_model(cfg.model, cfg.checkpoint, random_weights=cfg.random_weights, dataset=cfg.dataset)
     entry = loaded.entry
     dataset = cfg.dataset or entry.dataset
     info = dataset_info(dataset)
@@ -741,6 +742,8 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any] | None, Path, bool]:
         "deploy": model.deploy.to_dict() if ev.is_deq else None,
         "code": __version__,
     }
+    if loaded.user_model is not None:  # a user's model: import path, factory arguments, weights' sha256
+        spec["user_model"] = loaded.user_model
     run_id = run_id_of(spec)
     run_name = entry.name.replace(":", "_").replace("/", "_")
     store = RunStore(cfg.results_dir, run_name, run_id)

@@ -75,6 +75,7 @@ class ModelEntry:
     expected_clean_n: int | None = None
     expected: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
+    import_path: str = ""  # "package.module:factory" (TOML key `import`): the user's code builds the model
 
     @property
     def eps_value(self) -> float:
@@ -84,7 +85,35 @@ class ModelEntry:
 _REQUIRED = ("family", "architecture", "dataset", "input_shape", "threat_model", "eps", "parameters")
 
 
+def _import_table(name: str, table: dict[str, Any]) -> dict[str, Any]:
+    """An `import = "package.module:factory"` entry: [config] is the factory's keyword arguments; what is
+    known only once the model is built (family, parameters) gets a placeholder, the rest the data set's."""
+    from bench.data import dataset_info
+    from bench.user_models import is_import_path
+
+    table = dict(table)
+    path = table.pop("import")
+    if not isinstance(path, str) or not is_import_path(path):
+        raise BenchError(f"registry entry {name!r}: import must read 'package.module:factory', got {path!r}")
+    if "architecture" in table:
+        raise BenchError(f"registry entry {name!r} has both import and architecture: keep one")
+    if "dataset" not in table:
+        raise BenchError(f"registry entry {name!r} lacks dataset (an import entry needs it)")
+    info = dataset_info(str(table["dataset"]))
+    defaults = {"family": "user", "input_shape": list(info.input_shape), "threat_model": "Linf"}
+    return {
+        **defaults,
+        "eps": repr(info.eps),
+        "parameters": 0,
+        **table,
+        "architecture": path,
+        "import_path": path,
+    }
+
+
 def _entry_from_table(name: str, table: dict[str, Any]) -> ModelEntry:
+    if "import" in table:
+        table = _import_table(name, table)
     missing = [k for k in _REQUIRED if k not in table]
     if missing:
         raise BenchError(f"registry entry {name!r} lacks {', '.join(missing)} ({REGISTRY_FILE})")
@@ -192,8 +221,16 @@ def checkpoint_status(entry: ModelEntry) -> str:
 
 
 def build_architecture(entry: ModelEntry) -> nn.Module:
-    """The entry's architecture with fresh (random) weights."""
+    """The entry's architecture with fresh (random) weights (an import entry: what its factory returns)."""
     from models.deq import DeployConfig, is_deq
+
+    if entry.import_path:
+        from bench.user_models import build
+
+        model = build(entry.import_path, entry.config)
+        if is_deq(model) and entry.deploy:
+            model.deploy = DeployConfig(**{**model.deploy.to_dict(), **entry.deploy})
+        return model
     from models.factory import build_architecture as build
 
     model = build(entry.architecture, dict(entry.config))
@@ -211,19 +248,32 @@ class LoadedModel:
     checkpoint_path: str | None
     checkpoint_sha256: str | None
     checkpoint_metadata: dict[str, str]
+    # a user's model (bench/user_models.py): its import path, the factory's arguments, the weights' sha256
+    user_model: dict[str, Any] | None = None
 
 
 def load_model(
-    name: str, checkpoint: str | Path | None = None, *, random_weights: bool = False
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    random_weights: bool = False,
+    dataset: str | None = None,
 ) -> LoadedModel:
     """Build the named model and load its weights: the registered file, or `checkpoint` if given.
 
     The registered file is verified against its sha256 before loading. A user-given file has no expected
     hash; its sha256 is computed and recorded. `random_weights=True` (benchmarks, tests) loads nothing.
+    `name` may be an import path `package.module:factory` given on the command line (bench/user_models.py);
+    `dataset` is then the data set it is evaluated on, when the factory does not say.
     """
     from bench.checkpoints import load_into, load_state_dict, sha256_file
+    from bench.user_models import command_line_entry, is_import_path, load_user_model
 
+    if is_import_path(name) and name not in registry():
+        return load_user_model(command_line_entry(name, dataset), checkpoint)
     entry = get_entry(name)
+    if entry.import_path:
+        return load_user_model(entry, checkpoint)
     if entry.family == "zoo":
         model, path = _zoo_model(name, checkpoint)
         digest = sha256_file(path) if path is not None else None
