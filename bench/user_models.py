@@ -205,7 +205,8 @@ def check_model(model: nn.Module, name: str, dataset: str, input_shape: tuple[in
     from models.deq import is_deq
 
     classes = dataset_info(dataset).num_classes
-    x = _probe(input_shape)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # a factory may move it
+    x = _probe(input_shape).to(device)
     where = f"model {name} on a {dataset} batch of shape {tuple(x.shape)}"
     info: dict[str, Any] = {"kind": "deq" if is_deq(model) else "cnn"}
     try:

@@ -78,6 +78,38 @@ def test_docs_example_runs_through_the_command_line(tmp_path):
         assert summary["all_acc"] <= summary["clean_acc"]
 
 
+def test_a_duck_typed_deq_gets_readouts_and_the_defense(tmp_path, monkeypatch):
+    """The docs' DEQ (no deq-bench import) is attacked through a state estimator, on every kind of
+    readout, under input entropy reduction in all three attack modes."""
+    from bench.evaluate import EvalConfig, evaluate
+    from bench.user_models import allow_import
+
+    (tmp_path / "my_models.py").write_text(docs_example())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    allow_import("my_models:small_deq")
+    cfg = EvalConfig(
+        model="my_models:small_deq",
+        n_examples=2,
+        batch_size=2,
+        attacks=["pgd:1"],
+        grads=["state:2:1:1"],
+        readouts=["final", "state:2", "ensemble-logit"],
+        defense="entropy-reduction:stages=1,steps=1",
+        results_dir=str(tmp_path / "results"),
+        quiet=True,
+        device="cpu",
+    )
+    try:
+        doc, _, _ = evaluate(cfg)
+    finally:
+        sys.modules.pop("my_models", None)
+    assert doc is not None
+    estimators = {c["estimator"] for c in doc["results"]["columns"]["attacks"]}
+    assert estimators == {"transfer@state:2:1:1", "bpda@state:2:1:1", "adaptive@bptt"}
+    assert set(doc["results"]["summary"]["readouts"]) == {"final", "state:2", "ensemble-logit"}
+
+
 # ----- failure modes: one error line, exit 2, no record -------------------------------------------
 
 BAD = textwrap.dedent(
