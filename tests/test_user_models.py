@@ -78,27 +78,38 @@ def test_docs_example_runs_through_the_command_line(tmp_path):
         assert summary["all_acc"] <= summary["clean_acc"]
 
 
+def _state_estimator_run(model: str, root: Path, **extra: object):
+    """An in-process quick run on 3 examples with the state:2:1:1 estimator (no sweep)."""
+    from bench.evaluate import EvalConfig
+
+    return EvalConfig(
+        model=model,
+        n_examples=3,
+        batch_size=3,
+        attacks=["pgd:2"],
+        grads=["state:2:1:1"],
+        results_dir=str(root / "results"),
+        quiet=True,
+        device="cpu",
+        **extra,
+    )
+
+
 def test_a_duck_typed_deq_gets_readouts_and_the_defense(tmp_path, monkeypatch):
     """The docs' DEQ (no deq-bench import) is attacked through a state estimator, on every kind of
     readout, under input entropy reduction in all three attack modes."""
-    from bench.evaluate import EvalConfig, evaluate
+    from bench.evaluate import evaluate
     from bench.user_models import allow_import
 
     (tmp_path / "my_models.py").write_text(docs_example())
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     allow_import("my_models:small_deq")
-    cfg = EvalConfig(
-        model="my_models:small_deq",
-        n_examples=2,
-        batch_size=2,
-        attacks=["pgd:1"],
-        grads=["state:2:1:1"],
+    cfg = _state_estimator_run(
+        "my_models:small_deq",
+        tmp_path,
         readouts=["final", "state:2", "ensemble-logit"],
         defense="entropy-reduction:stages=1,steps=1",
-        results_dir=str(tmp_path / "results"),
-        quiet=True,
-        device="cpu",
     )
     try:
         doc, _, _ = evaluate(cfg)
@@ -324,7 +335,7 @@ def torchdeq_dir(tmp_path, monkeypatch):
 def test_torchdeq_adapter_matches_torchdeq_and_is_attacked_through_a_state_estimator(torchdeq_dir):
     from bench.data import load_dataset
     from bench.deq.view import AttackView
-    from bench.evaluate import EvalConfig, evaluate
+    from bench.evaluate import evaluate
     from bench.user_models import allow_import
 
     allow_import("tdq_models:adapted")
@@ -353,17 +364,7 @@ def test_torchdeq_adapter_matches_torchdeq_and_is_attacked_through_a_state_estim
     torch.nn.functional.cross_entropy(view(xg), torch.tensor([0, 1])).backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
-    cfg = EvalConfig(
-        model="tdq_models:adapted",
-        n_examples=3,
-        batch_size=3,
-        attacks=["pgd:2"],
-        grads=["state:2:1:1"],
-        results_dir=str(torchdeq_dir / "results"),
-        quiet=True,
-        device="cpu",
-    )
-    doc, _, _ = evaluate(cfg)
+    doc, _, _ = evaluate(_state_estimator_run("tdq_models:adapted", torchdeq_dir))
     assert doc is not None
     source = doc["spec"]["user_model"]
     assert source["kind"] == "torchdeq" and source["forward_check"]["max_abs_diff"] < 1e-6
