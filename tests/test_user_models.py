@@ -382,3 +382,47 @@ def test_a_raw_torchdeq_model_is_pointed_at_the_adapter(torchdeq_dir):
 
     with pytest.raises(BenchError, match="TorchDEQAdapter"):
         as_evaluable(tdq_models.Net(), "tdq_models:Net")
+
+
+def test_torchdeq_adapter_flattens_a_list_state(torchdeq_dir):
+    """A multiscale state (a list of tensors, torchdeq's MDEQ style) is one flat (B, D) state here."""
+    from torchdeq import get_deq
+
+    from models.torchdeq_adapter import TorchDEQAdapter
+
+    class TwoScale(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = (
+                torch.nn.Conv2d(1, 2, 3, padding=1),
+                torch.nn.Conv2d(1, 3, 3, stride=2, padding=1),
+            )
+            self.fc = torch.nn.Linear(5, 10)
+            self.deq = get_deq(f_solver="fixed_point_iter", f_max_iter=4, f_tol=0.0)
+
+        def inject(self, x):
+            return [self.a(x), self.b(x)]
+
+        def cell(self, z, u):
+            z1, z2 = z
+            return [torch.tanh(0.5 * z1 + u[0]), torch.tanh(0.5 * z2 + u[1] + z1[:, :1, ::2, ::2])]
+
+        def head(self, z):
+            return self.fc(torch.cat([z[0].mean((2, 3)), z[1].mean((2, 3))], 1))
+
+        def forward(self, x):
+            u = self.inject(x)
+            z_out, _ = self.deq(lambda *z: self.cell(list(z), u), [torch.zeros_like(p) for p in u])
+            return self.head(z_out[-1])
+
+    torch.manual_seed(0)
+    net = TwoScale().eval()
+    model = TorchDEQAdapter(
+        net, inject=net.inject, f=net.cell, head=net.head, init=lambda u: [torch.zeros_like(p) for p in u]
+    ).eval()
+    x = torch.rand(3, 1, 8, 8)
+    parity = model.check_forward(x)
+    assert parity["max_abs_diff"] < 1e-6, parity
+    assert model.state_layout == [(2, 8, 8), (3, 4, 4)]
+    z0 = model.init_state(model.inject(x))
+    assert z0.shape == (3, 2 * 64 + 3 * 16)
