@@ -65,7 +65,7 @@ def _import_factory(path: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise BenchError(
                 f"cannot import {module_name!r} for model {path}: no module {exc.name!r} "
                 f"(run from the directory that holds it, or add that directory to PYTHONPATH)"
@@ -94,6 +94,8 @@ def _protocol_adapter_class() -> type:
     class ProtocolAdapter(DEQClassifier):
         """A module that implements the DEQ protocol without subclassing DEQClassifier (no deq-bench import
         in the user's file); every call is the user's method, so results are the user's model's."""
+
+        wraps_user_module = True  # checkpoints load into, and the record hashes, `inner`
 
         def __init__(self, inner: nn.Module, deploy: DeployConfig) -> None:
             super().__init__()
@@ -165,7 +167,7 @@ def as_evaluable(module: Any, name: str) -> nn.Module:
 
 def weights_module(model: nn.Module) -> nn.Module:
     """The user's own module inside an adapter: checkpoints load into it and its weights are hashed."""
-    return getattr(model, "inner", model)
+    return model.inner if getattr(type(model), "wraps_user_module", False) else model
 
 
 def weights_sha256(module: nn.Module) -> str:

@@ -93,6 +93,8 @@ class TorchDEQAdapter(DEQClassifier):
     settings derived from it (then `check_forward` compares with a torchdeq solve the user configured alike).
     """
 
+    wraps_user_module = True  # checkpoints load into, and records hash, the user's module (`inner`)
+
     def __init__(
         self,
         model: nn.Module,
