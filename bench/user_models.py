@@ -249,7 +249,8 @@ def check_model(model: nn.Module, name: str, dataset: str, input_shape: tuple[in
                 raise BenchError(
                     f"{where}: deq-bench's solve at the deployed settings ({model.deploy.solver}, "
                     f"max_iter {model.deploy.max_iter}) differs from torchdeq's own forward by "
-                    f"{parity['max_abs_diff']:.3g}; pass deploy= to TorchDEQAdapter or use fixed_point_iter"
+                    f"{parity['max_abs_diff']:.3g}; build the torchdeq core with f_solver fixed_point_iter "
+                    "or anderson (reproduced here) or a tighter f_tol"
                 )
     except BenchError:
         raise

@@ -350,6 +350,10 @@ def test_torchdeq_adapter_matches_torchdeq_and_is_attacked_through_a_state_estim
         # the check can fail: one more solver state (an off-by-one in the mapping) is visible
         model.deploy = dataclasses.replace(model.deploy, max_iter=5)
         assert model.check_forward(x)["max_abs_diff"] > 1e-3
+    from bench.user_models import check_model
+
+    with pytest.raises(BenchError, match="differs from torchdeq's own forward by"):  # refused at load
+        check_model(model, "tdq_models:adapted", "fashion-mnist", (1, 28, 28))
     assert model.training_grad == "unroll:1:1"
     assert model.state_layout == [(4, 14, 14)]
 
