@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.entries import CheckpointRef, LoadedModel, ModelEntry
 from bench.errors import BenchError, did_you_mean
-from bench.paths import PACKAGE_DIR, checkpoints_dir
-from bench.spec import ZOO_PREFIX, parse_eps
+from bench.paths import PACKAGE_DIR
+from bench.spec import ZOO_PREFIX
 
 if TYPE_CHECKING:  # torch is imported only by the functions that build models: listing stays fast
     from torch import nn
@@ -24,50 +25,38 @@ if TYPE_CHECKING:  # torch is imported only by the functions that build models: 
 REGISTRY_FILE = PACKAGE_DIR / "registry" / "models.toml"
 
 
-@dataclass(frozen=True)
-class CheckpointRef:
-    file: str = ""
-    sha256: str = ""
-    url: str = ""
-    license: str = ""
-    provenance: str = ""
-
-    @property
-    def registered(self) -> bool:
-        return bool(self.file)
-
-    def path(self) -> Path:
-        return checkpoints_dir() / self.file
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    family: str
-    architecture: str
-    dataset: str
-    input_shape: tuple[int, int, int]
-    threat_model: str
-    eps: str
-    parameters: int
-    description: str = ""
-    config: dict[str, Any] = field(default_factory=dict)
-    checkpoint: CheckpointRef = CheckpointRef()
-    deploy: dict[str, Any] = field(default_factory=dict)
-    expected_clean_acc: float | None = None
-    expected_clean_n: int | None = None
-    expected: dict[str, Any] = field(default_factory=dict)
-    recipe: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def eps_value(self) -> float:
-        return parse_eps(self.eps)
-
-
 _REQUIRED = ("family", "architecture", "dataset", "input_shape", "threat_model", "eps", "parameters")
 
 
+def _import_table(name: str, table: dict[str, Any]) -> dict[str, Any]:
+    """An `import = "package.module:factory"` entry: [config] is the factory's keyword arguments; what is
+    known only once the model is built (family, parameters) gets a placeholder, the rest the data set's."""
+    from bench.data import dataset_info
+    from bench.user_models import is_import_path
+
+    table = dict(table)
+    path = table.pop("import")
+    if not isinstance(path, str) or not is_import_path(path):
+        raise BenchError(f"registry entry {name!r}: import must read 'package.module:factory', got {path!r}")
+    if "architecture" in table:
+        raise BenchError(f"registry entry {name!r} has both import and architecture: keep one")
+    if "dataset" not in table:
+        raise BenchError(f"registry entry {name!r} lacks dataset (an import entry needs it)")
+    info = dataset_info(str(table["dataset"]))
+    defaults = {"family": "user", "input_shape": list(info.input_shape), "threat_model": "Linf"}
+    return {
+        **defaults,
+        "eps": repr(info.eps),
+        "parameters": 0,
+        **table,
+        "architecture": path,
+        "import_path": path,
+    }
+
+
 def _entry_from_table(name: str, table: dict[str, Any]) -> ModelEntry:
+    if "import" in table:
+        table = _import_table(name, table)
     missing = [k for k in _REQUIRED if k not in table]
     if missing:
         raise BenchError(f"registry entry {name!r} lacks {', '.join(missing)} ({REGISTRY_FILE})")
@@ -175,8 +164,16 @@ def checkpoint_status(entry: ModelEntry) -> str:
 
 
 def build_architecture(entry: ModelEntry) -> nn.Module:
-    """The entry's architecture with fresh (random) weights."""
+    """The entry's architecture with fresh (random) weights (an import entry: what its factory returns)."""
     from bench.deq.protocol import DeployConfig, is_deq
+
+    if entry.import_path:
+        from bench.user_models import build
+
+        model = build(entry.import_path, entry.config)
+        if is_deq(model) and entry.deploy:
+            model.deploy = DeployConfig(**{**model.deploy.to_dict(), **entry.deploy})
+        return model
     from models.factory import build_architecture as build
 
     model = build(entry.architecture, dict(entry.config))
@@ -185,28 +182,28 @@ def build_architecture(entry: ModelEntry) -> nn.Module:
     return model
 
 
-@dataclass
-class LoadedModel:
-    """A model ready for evaluation, with where its weights came from (for records)."""
-
-    entry: ModelEntry
-    model: nn.Module
-    checkpoint_path: str | None
-    checkpoint_sha256: str | None
-    checkpoint_metadata: dict[str, str]
-
-
 def load_model(
-    name: str, checkpoint: str | Path | None = None, *, random_weights: bool = False
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    random_weights: bool = False,
+    dataset: str | None = None,
 ) -> LoadedModel:
     """Build the named model and load its weights: the registered file, or `checkpoint` if given.
 
     The registered file is verified against its sha256 before loading. A user-given file has no expected
     hash; its sha256 is computed and recorded. `random_weights=True` (benchmarks, tests) loads nothing.
+    `name` may be an import path `package.module:factory` given on the command line (bench/user_models.py);
+    `dataset` is then the data set it is evaluated on, when the factory does not say.
     """
     from bench.checkpoints import load_into, load_state_dict, sha256_file
+    from bench.user_models import command_line_entry, is_import_path, load_user_model
 
+    if is_import_path(name) and name not in registry():
+        return load_user_model(command_line_entry(name, dataset), checkpoint)
     entry = get_entry(name)
+    if entry.import_path:
+        return load_user_model(entry, checkpoint)
     if entry.family == "zoo":
         model, path = _zoo_model(name, checkpoint)
         digest = sha256_file(path) if path is not None else None

@@ -38,7 +38,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("engine", ("bench.progress", "bench.deq", "bench.attacks", "bench.defenses")),
     ("models", ("models",)),
-    ("inputs", ("bench.spec", "bench.data", "bench.checkpoints", "bench.compat", "bench.stats")),
+    (
+        "inputs",
+        ("bench.spec", "bench.data", "bench.checkpoints", "bench.compat", "bench.stats", "bench.entries"),
+    ),
     ("loading", ("bench.zoo", "bench.registry", "bench.user_models", "bench.sanity", "bench.distributed")),
     ("records", ("bench.records",)),
     ("evaluation", ("bench.evaluate", "bench.train", "bench.train_recipes")),

@@ -22,8 +22,7 @@ from bench.cli.report import check_command
 from bench.errors import BenchError
 from bench.evaluate import evaluate as run_spec
 from bench.evaluate.plan import build_plan, plan_to_dict
-from bench.registry import parse_eps
-from bench.spec import EvalConfig
+from bench.spec import EvalConfig, parse_eps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from micro_models import FIXTURES, write_micro_registry

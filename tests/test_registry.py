@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bench.errors import BenchError
-from bench.registry import checkpoint_status, get_entry, load_model, parse_eps, registry
+from bench.registry import checkpoint_status, get_entry, load_model, registry
+from bench.spec import parse_eps
 
 
 @pytest.mark.parametrize("name", sorted(registry()))

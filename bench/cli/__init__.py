@@ -80,7 +80,12 @@ def models(
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `bench models`).")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="Registered model name (see `bench models`) or package.module:factory."
+        ),
+    ],
     checkpoint: Annotated[
         str | None, typer.Option(help="Weights file overriding the registered one.")
     ] = None,
@@ -146,7 +151,9 @@ def evaluate(
     """Attack a model with the white-box suite and record per-example results."""
     from bench.evaluate import evaluate as run_evaluation
     from bench.report.summary import print_summary
+    from bench.user_models import allow_import
 
+    allow_import(model)  # an import path named here may be imported (never one read from a record)
     spec, options = EvalConfig(
         model=model,
         checkpoint=checkpoint,

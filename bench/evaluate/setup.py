@@ -120,7 +120,8 @@ def _deployed(loaded: LoadedModel, spec: RunSpec) -> LoadedModel:
 
 def prepare(spec: RunSpec, options: RunOptions, device: torch.device) -> Setup:
     """Load, check and plan: every bad input fails here, before any work."""
-    loaded = _deployed(load_model(spec.model, spec.checkpoint, random_weights=spec.random_weights), spec)
+    loaded = load_model(spec.model, spec.checkpoint, random_weights=spec.random_weights, dataset=spec.dataset)
+    loaded = _deployed(loaded, spec)
     entry = loaded.entry
     dataset = spec.dataset or entry.dataset
     info = dataset_info(dataset)
@@ -170,6 +171,8 @@ def prepare(spec: RunSpec, options: RunOptions, device: torch.device) -> Setup:
         "batching": spec.batching.value,
         "code": __version__,
     }
+    if loaded.user_model is not None:  # a user's model: import path, factory arguments, weights' sha256
+        identity["user_model"] = loaded.user_model
     provenance = {
         "checkpoint_path": loaded.checkpoint_path,
         "checkpoint_metadata": loaded.checkpoint_metadata,

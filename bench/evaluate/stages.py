@@ -145,6 +145,7 @@ def cached_sweep(
     key = SweepCache.key(
         {
             **{k: identity[k] for k in SWEEP_INPUTS},
+            **({"user_model": identity["user_model"]} if "user_model" in identity else {}),  # the weights
             "sweep": protocol_dict(protocol)["sweep"],
             "readouts": [[r, views.resolve(r)] for r in readouts],
         }
