@@ -163,6 +163,16 @@ def checkpoint_status(entry: ModelEntry) -> str:
     return "present"
 
 
+def deploy_of(entry: ModelEntry) -> dict[str, Any] | None:
+    """The deployed prediction a DEQ entry's checkpoint was trained for (DeployConfig fields); None for a
+    plain network. Read from the registry without building the model."""
+    if entry.family != "deq":
+        return None
+    from bench.deq.protocol import DeployConfig
+
+    return {**DeployConfig().to_dict(), **entry.deploy}
+
+
 def build_architecture(entry: ModelEntry) -> nn.Module:
     """The entry's architecture with fresh (random) weights (an import entry: what its factory returns)."""
     from bench.deq.protocol import DeployConfig, is_deq
@@ -218,9 +228,7 @@ def load_model(
     else:
         ref = entry.checkpoint
         if not ref.registered:
-            raise BenchError(
-                f"model {name!r} has no registered checkpoint; pass --checkpoint PATH ({ref.provenance})"
-            )
+            raise BenchError(f"model {name!r} has no registered checkpoint: {ref.provenance}")
         path, expected = ref.path(), ref.sha256 or None
         if not path.is_file():
             hint = f" or download it from {ref.url}" if ref.url else ""

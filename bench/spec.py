@@ -134,6 +134,17 @@ class DeploySpec:
             raise BenchError(f"bad --deploy {text!r}: lam must lie in (0, 1]")
         return cls(0, 0.5) if int(m.group(1)) == 0 else cls(int(m.group(1)), lam)
 
+    @staticmethod
+    def describe(deploy: dict[str, Any] | None) -> str:
+        """A deployed-prediction setting (a DeployConfig's fields) in this grammar: `fz`, `unroll:K:lam`,
+        or `z*` when the solver's state itself predicts (no f applied); '' for a network without one."""
+        if not deploy:
+            return ""
+        if not deploy.get("refine_apply_f", True):
+            return "z*" if not deploy.get("refine_steps") else f"z*+unroll:{deploy['refine_steps']}"
+        steps = int(deploy.get("refine_steps", 0))
+        return DeploySpec(steps, float(deploy.get("refine_lambda", 0.5))).text if steps else "fz"
+
     def overrides(self) -> dict[str, Any]:
         """DeployConfig fields this deploy sets (the solver settings stay the registry's)."""
         return {"refine_apply_f": True, "refine_steps": self.steps, "refine_lambda": self.lam}

@@ -156,3 +156,13 @@ def test_deq_large_papers_layout_loads_strictly_and_predicts(tmp_path):
         expected = reference(x)
     assert logits.shape == (1, 10) and torch.isfinite(logits).all()
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_deq_large_without_a_checkpoint_says_how_to_get_one(tmp_path):
+    proc = _run("evaluate", "--model", "deq-large", "--results-dir", str(tmp_path), env=_env())
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in ("--checkpoint FILE", "bench train --preset paper-deq-large", "GPU-hours"):
+        assert fragment in lines[0]
+    assert not list(tmp_path.glob("*"))

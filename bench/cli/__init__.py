@@ -41,7 +41,8 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list for programs.")] = False,
 ) -> None:
     """List the model registry: family, data set, parameters, threat model, eps, checkpoint status."""
-    from bench.registry import checkpoint_status, registry
+    from bench.registry import checkpoint_status, deploy_of, registry
+    from bench.spec import DeploySpec
 
     rows = []
     for entry in registry().values():
@@ -55,13 +56,14 @@ def models(
                 "threat_model": entry.threat_model,
                 "eps": entry.eps,
                 "checkpoint": checkpoint_status(entry),
+                "deploy": DeploySpec.describe(deploy_of(entry)),
                 "expected_clean_acc": entry.expected_clean_acc,
             }
         )
     if as_json:
         print_json(rows)
         return
-    columns = ["name", "family", "dataset", "parameters", "threat", "eps", "checkpoint", "clean %"]
+    columns = ["name", "family", "dataset", "parameters", "threat", "eps", "deploy", "checkpoint", "clean %"]
     table_rows = [
         [
             r["name"],
@@ -70,6 +72,7 @@ def models(
             f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] >= 1e6 else f"{r['parameters'] / 1e3:.1f}k",
             r["threat_model"],
             r["eps"],
+            r["deploy"],
             r["checkpoint"],
             "" if r["expected_clean_acc"] is None else f"{r['expected_clean_acc']:.2f}",
         ]

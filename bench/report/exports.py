@@ -50,6 +50,7 @@ MAIN_COLUMNS = (
     Column("delta_all", "Δ All", "delta"),
     Column("n_examples", "n", "int"),
     Column("eps_text", "eps"),
+    Column("deploy", "Deploy"),
     Column("estimator", "Estimator"),
     Column("source", "Source"),
     Column("flags", "Flags", "flags"),
@@ -65,18 +66,20 @@ GAP_COLUMNS = (
     Column("gap", "Gap", "delta"),
     Column("n_examples", "n", "int"),
     Column("eps_text", "eps"),
+    Column("deploy", "Deploy"),
     Column("estimator", "White-box estimator"),
     Column("flags", "Flags", "flags"),
 )
 LATEX_MAIN = ("model", "method", "defense", "readout", "clean", "pgd", "aa", "all", "delta_all", "n_examples")
 LATEX_GAP = ("model", "method", "defense", "readout", "clean", "ready_made", "white_box", "gap", "n_examples")
-CSV_EXTRA = ("unreliable", "estimators", "suite", "runs", "citation")
+CSV_EXTRA = ("unreliable", "estimators", "suite", "batching", "runs", "citation")
 
 DEFINITIONS = (
     "Accuracies in percent, recomputed from per-example records. Clean: clean prediction correct. "
     "PGD / AA: robust under every PGD / AutoAttack run of every protocol and gradient estimator. "
     "All: robust under every attack run (per-example worst case). "
-    "Δ: measured minus the paper's reported number for the same setting."
+    "Δ: measured minus the paper's reported number for the same setting. Deploy: the DEQ's deployed "
+    "prediction (fz = f(z*); unroll:K:lam = f(z*) then K damped steps)."
 )
 GAP_DEFINITIONS = (
     "Robust accuracy (All) under each protocol alone, in percent. Ready-made: the attacks with the "

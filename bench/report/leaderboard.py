@@ -30,7 +30,7 @@ from bench.errors import BenchError, did_you_mean
 from bench.paths import PACKAGE_DIR
 from bench.records.schema import adversarial_entries
 from bench.report.flags import INFO_FLAGS, MEASURED, REPORTED, classify_warning
-from bench.spec import ZOO_PREFIX, format_eps, parse_eps
+from bench.spec import ZOO_PREFIX, Batching, DeploySpec, format_eps, parse_eps
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -176,6 +176,15 @@ class Run:
         return str(self.spec.get("defense") or "none")
 
     @property
+    def deploy(self) -> str:
+        """The DEQ's deployed prediction (`fz`, `unroll:K:lam`); '' for a plain network."""
+        return DeploySpec.describe(self.spec.get("deploy"))
+
+    @property
+    def batching(self) -> str:
+        return str(self.spec.get("batching") or Batching.PER_EXAMPLE.value)
+
+    @property
     def readouts(self) -> list[str]:
         return list(self.spec["plan"]["readouts"])
 
@@ -220,6 +229,7 @@ class Run:
             self.dataset,
             round(self.eps, 9),
             self.defense,
+            self.batching,
         )
 
     def outcomes(self, readout: str) -> Outcomes:
@@ -395,6 +405,8 @@ def measured_row(runs: list[Run], readout: str) -> dict[str, Any]:
         "source": MEASURED,
         "random_states": bool(first.recipe.get("random_state", False)),
         "suite": "+".join(sorted({str(r.spec["plan"].get("suite", "")) for r in runs})),
+        "deploy": first.deploy,
+        "batching": first.batching,
         "runs": [r.path.name for r in runs],
         "checkpoint_sha256": first.spec.get("checkpoint_sha256"),
         "citation": None,
@@ -406,7 +418,8 @@ def measured_rows(runs: list[Run]) -> list[dict[str, Any]]:
     groups: dict[tuple[Any, ...], list[Run]] = {}
     for run in runs:
         for readout in run.readouts:
-            key = (run.dataset, round(run.eps, 9), run.model, run.method, run.defense, readout)
+            setting = (run.model, run.method, run.defense, run.deploy, run.batching)
+            key = (run.dataset, round(run.eps, 9), *setting, readout)
             groups.setdefault(key, []).append(run)
     rows = []
     for key, members in groups.items():
@@ -557,6 +570,7 @@ def gap_rows(main: pd.DataFrame) -> pd.DataFrame:
             {
                 **{k: row[k] for k in ("dataset", "model", "method", "defense", "readout", "n_examples")},
                 **{k: row[k] for k in ("eps", "eps_text", "clean", "estimator", "flags", "source")},
+                **{k: row.get(k, "") for k in ("deploy", "batching")},
                 "ready_made": rm,
                 "white_box": wb,
                 "gap": None if rm is None or wb is None else _round(rm - wb),
