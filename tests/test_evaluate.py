@@ -379,3 +379,45 @@ def test_early_state_is_chosen_on_the_dev_set(micro, tmp_path):
     # the early readout's clean prediction is the chosen state's prediction
     states = cols["clean_states"]["pred"]
     assert cols["clean"]["early"]["pred"] == [row[early["t"] - 1] for row in states]
+
+
+def test_sweep_includes_the_ready_made_estimator_and_breaks_ties_by_margin(micro, tmp_path):
+    from bench.evaluate.stages import rank_candidates
+
+    doc, _, _ = evaluate(_cfg(tmp_path, suite="lite", n_examples=2, batch_size=2, n_dev=4, attacks=["pgd:2"]))
+    plan = {p["name"]: p for p in doc["spec"]["plan"]["protocols"]}
+    ready_made = plan["ready-made"]["estimators"][0]
+    assert ready_made in plan["white-box"]["sweep"]["candidates"]
+    rows = doc["results"]["sweep"]["white-box"]["final"]
+    assert {r["estimator"] for r in rows} == set(plan["white-box"]["sweep"]["candidates"])
+    assert all(isinstance(r["mean_margin"], float) for r in rows)
+    assert doc["results"]["sweep_decided_by"]["white-box"]["final"] in ("accuracy", "margin", "order")
+    # the rule itself: accuracy first, then the lower mean margin, then the candidate order
+    table = [
+        {"estimator": "a", "robust_acc": 50.0, "mean_margin": 1.0},
+        {"estimator": "b", "robust_acc": 50.0, "mean_margin": 0.5},
+        {"estimator": "c", "robust_acc": 75.0, "mean_margin": -3.0},
+    ]
+    assert rank_candidates(table, 1) == ([1], "margin")
+    assert rank_candidates(table, 2) == ([1, 0], "accuracy")
+    table[1]["mean_margin"] = 1.0
+    assert rank_candidates(table, 1) == ([0], "order")
+
+
+def test_dropped_nonfinite_gradients_are_counted_per_attack_and_flagged(micro, tmp_path, monkeypatch):
+    from bench.deq.estimators import Unroll
+    from bench.report.leaderboard import load_run
+
+    original = Unroll.surrogate
+
+    def nan_first_row(self, model, u, traj):
+        out = original(self, model, u, traj)
+        return torch.cat([torch.full_like(out[:1], float("nan")), out[1:]])
+
+    monkeypatch.setattr(Unroll, "surrogate", nan_first_row)
+    doc, path, _ = evaluate(
+        _cfg(tmp_path, suite="white-box", attacks=["pgd:2"], grads=["state:2:1:1"], n_examples=3, batch_size=3)
+    )
+    (col,) = doc["results"]["columns"]["attacks"]
+    assert col["nonfinite_grad_rows"] >= 1  # row 0 of every attacked forward lost its gradient
+    assert "nonfinite-grad" in load_run(path).flags("final")

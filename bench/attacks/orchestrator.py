@@ -158,6 +158,7 @@ def run_sequence(
     checks: bool = True,
     check_rows: int = 64,
     square_check: bool = True,
+    after_each: Callable[[str], None] | None = None,
 ) -> SuiteResult:
     """Run each attack on its module in order and return the verified per-example record.
 
@@ -165,6 +166,7 @@ def run_sequence(
     robust set after the last run is the per-example worst case. clean_correct: (B,) bool, the deployed
     prediction's; misclassified examples are never attacked. checks: AutoAttack's model checks on the first
     run's module (first `check_rows` examples). square_check: AutoAttack's Square-vs-gradient check.
+    after_each(name): called when a run is done (callers read their modules' counters per run).
     """
     names = [r.name for r in runs]
     if dupes := sorted({n for n in names if names.count(n) > 1}):
@@ -192,6 +194,8 @@ def run_sequence(
                 result.broken = run.judge(result.x_adv, y) & result.attacked
         results[run.name] = result
         broken_any |= result.broken
+        if after_each is not None:
+            after_each(run.name)
     suite = SuiteResult(
         clean_correct=clean_correct, results=results, warnings=warnings, independent=independent
     )

@@ -34,6 +34,7 @@ from bench.deq.readouts import (
     StateReadout,
     parse_readout,
 )
+from bench.deq.view import straight_through
 from bench.errors import BenchError
 
 BPTT = "bptt"
@@ -122,6 +123,7 @@ class _DefendedView(nn.Module):
         self.readout = defended_readout(readout, self.defense)
         self.last_result: DefendedResult | None = None
         self.last_stats: dict[str, Any] = {}
+        self.nonfinite_rows = 0  # rows whose surrogate was not finite (their gradient is dropped), summed
 
     def _record(self, result: DefendedResult) -> None:
         self.last_result = result
@@ -134,10 +136,10 @@ class _DefendedView(nn.Module):
             "f_backward": result.f_backward,
         }
 
-    @staticmethod
-    def _combine(value: Tensor, surrogate: Tensor) -> Tensor:
-        delta = surrogate - surrogate.detach()
-        return value + torch.where(torch.isfinite(surrogate), delta, torch.zeros_like(delta))
+    def _combine(self, value: Tensor, surrogate: Tensor) -> Tensor:
+        out, dropped = straight_through(value, surrogate)
+        self.nonfinite_rows += dropped
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         with self.model.weights_cached():  # one weight-norm computation for the defense and surrogate

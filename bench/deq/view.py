@@ -46,6 +46,7 @@ class AttackView(nn.Module):
         self.keep = self.readout.needed_states(self.settings.max_iter) | self.estimator.needed_states()
         self.last_trajectory: Trajectory | None = None
         self.last_stats: dict[str, Tensor | int] = {}
+        self.nonfinite_rows = 0  # rows whose surrogate was not finite (their gradient is dropped), summed
 
     def forward(self, x: Tensor) -> Tensor:
         model = self.model
@@ -68,9 +69,21 @@ class AttackView(nn.Module):
         if not torch.is_grad_enabled():
             return value
         surrogate = self.estimator.surrogate(model, model.inject(x), traj)
-        delta = surrogate - surrogate.detach()
-        # a non-finite surrogate would turn value + 0 into NaN: keep the value, drop that gradient
-        return value + torch.where(torch.isfinite(surrogate), delta, torch.zeros_like(delta))
+        value, dropped = straight_through(value, surrogate)
+        self.nonfinite_rows += dropped
+        return value
+
+
+def straight_through(value: Tensor, surrogate: Tensor) -> tuple[Tensor, int]:
+    """value + (surrogate - surrogate.detach()): the value's numbers with the surrogate's gradient.
+
+    A non-finite surrogate would turn value + 0 into NaN: its entries keep the value and lose their
+    gradient. Returns the output and how many rows lost (part of) their gradient, so callers can count it.
+    """
+    delta = surrogate - surrogate.detach()
+    finite = torch.isfinite(surrogate)
+    dropped = int((~finite).flatten(1).any(1).sum()) if surrogate.numel() else 0
+    return value + torch.where(finite, delta, torch.zeros_like(delta)), dropped
 
 
 @dataclass

@@ -71,6 +71,17 @@ def run_group(
                 AttackRun(key, attack, views.module(view), example_seeds(seed, key, batch.indices), judge)
             )
             labels[key] = (attack.name, view)
+    dropped: dict[str, int] = {}  # rows whose estimator gradient was not finite, per run
+    modules = {run.name: run.model for run in runs}
+    seen = {name: getattr(m, "nonfinite_rows", 0) for name, m in modules.items()}
+
+    def count_dropped(name: str) -> None:
+        now = getattr(modules[name], "nonfinite_rows", 0)
+        dropped[name] = now - seen[name]
+        for other, module in modules.items():  # a module shared by later runs starts from here
+            if module is modules[name]:
+                seen[other] = now
+
     suite = run_sequence(
         runs,
         batch.x,
@@ -78,6 +89,7 @@ def run_group(
         clean_correct,
         checks=checks,
         square_check=False,  # the record's own Square check covers it (bench.sanity.square_check)
+        after_each=count_dropped,
     )
     first_name, first_view = labels[runs[0].name]
     found = [warning(w, first_name, first_view) for w in suite.warnings]
@@ -102,6 +114,7 @@ def run_group(
                 "attacked": tolist(res.attacked),
                 "broken": tolist(res.broken),
                 "linf": [round(v, 7) for v in tolist(res.linf)],
+                "nonfinite_grad_rows": dropped.get(key, 0),  # summed over the attack's forwards
             }
         )
         timings.append(timing(protocol, group, name, view, res.seconds))

@@ -104,11 +104,14 @@ def build_plan(spec: RunSpec, *, is_deq: bool, max_iter: int, ready_made_estimat
             protocols.append(Protocol("white-box", groups, estimators=tuple(grads)))
         else:
             level = "quick" if suite in ("quick", "lite") else "full"
+            candidates = white_box_candidates(max_iter, level)
+            if ready_made_estimator not in candidates:  # never weaker than the ready-made protocol's choice
+                candidates = (*candidates, ready_made_estimator)
             sweep = SweepConfig(
                 attack="pgd:5" if quick else "pgd-10",
                 n_dev=spec.n_dev if spec.n_dev is not None else default_n_dev(suite),
                 top_k=1 if quick else 2,
-                candidates=white_box_candidates(max_iter, level),
+                candidates=candidates,
             )
             protocols.append(Protocol("white-box", groups, sweep=sweep))
     return Plan(suite=suite, protocols=tuple(protocols), readouts=readouts_t)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from bench.attacks.orchestrator import run_attacks
 from bench.attacks.specs import parse_attack
@@ -91,6 +92,27 @@ def select_early_state(
     return {"t": best + 1, "readout": f"state:{best + 1}", "pgd10_acc_per_state": curve, "n_dev": len(dev)}
 
 
+def margins(logits: Tensor, y: Tensor) -> Tensor:
+    """(B,) logit of the true class minus the largest other logit: below 0 means misclassified."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return true - others.max(1).values
+
+
+def rank_candidates(rows: list[dict[str, Any]], top_k: int) -> tuple[list[int], str]:
+    """The `top_k` strongest candidates: lowest dev robust accuracy, then lowest mean margin on the
+    attacked dev set (a tie on accuracy is common on a small dev set), then the candidate order.
+    Returns their indices and what decided the last chosen place: 'accuracy', 'margin' or 'order'."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["robust_acc"], rows[i]["mean_margin"], i))
+    chosen = order[:top_k]
+    if len(order) <= top_k:
+        return chosen, "accuracy"
+    last, runner_up = rows[order[top_k - 1]], rows[order[top_k]]
+    if last["robust_acc"] != runner_up["robust_acc"]:
+        return chosen, "accuracy"
+    return chosen, "margin" if last["mean_margin"] != runner_up["mean_margin"] else "order"
+
+
 def select_estimators(
     views: Views,
     protocol: Protocol,
@@ -98,10 +120,11 @@ def select_estimators(
     dev: ExampleSet,
     spec: RunSpec,
     reporter: Reporter,
-) -> tuple[dict[str, list[str]], dict[str, Any]]:
+) -> tuple[dict[str, list[str]], dict[str, Any], dict[str, str]]:
     """The white-box sweep: PGD on the development set with every candidate estimator, per readout.
 
-    The strongest `top_k` (lowest dev robust accuracy; ties keep the candidate order) are chosen.
+    Each candidate's dev robust accuracy and mean margin (deployed prediction, after the attack; every dev
+    example counts) are kept; `rank_candidates` picks the `top_k` and says what decided the choice.
     """
     sweep = protocol.sweep
     assert sweep is not None
@@ -109,11 +132,12 @@ def select_estimators(
     x_all, y_all = dev.x.to(views.device), dev.y.to(views.device)
     chosen: dict[str, list[str]] = {}
     table: dict[str, Any] = {}
+    decided: dict[str, str] = {}
     for readout in readouts:
         rows = []
         for est in sweep.candidates:
             module = views.module(ViewSpec(readout, est))
-            robust_total = 0
+            robust_total, margin_total = 0, 0.0
             for start in range(0, len(dev), spec.batch_size):
                 sl = slice(start, start + spec.batch_size)
                 x, y = x_all[sl], y_all[sl]
@@ -121,13 +145,22 @@ def select_estimators(
                     correct = module(x).argmax(1) == y
                 seeds = example_seeds(spec.seed, f"sweep|{est}|{readout}", dev.indices[sl])
                 res = run_attacks(module, x, y, [attack], seeds, clean_correct=correct, checks=False)
-                robust_total += int((correct & ~res.results[attack.name].broken).sum())
-            rows.append({"estimator": est, "robust_acc": 100.0 * robust_total / len(dev)})
+                result = res.results[attack.name]
+                robust_total += int((correct & ~result.broken).sum())
+                with torch.no_grad():
+                    margin_total += float(margins(module(result.x_adv), y).sum())
+            rows.append(
+                {
+                    "estimator": est,
+                    "robust_acc": 100.0 * robust_total / len(dev),
+                    "mean_margin": round(margin_total / len(dev), 6),
+                }
+            )
             reporter.advance(f"sweep {est} {readout}", robust_total, len(dev))
-        ranked = sorted(range(len(rows)), key=lambda i: (rows[i]["robust_acc"], i))
-        chosen[readout] = [rows[i]["estimator"] for i in ranked[: sweep.top_k]]
+        picked, decided[readout] = rank_candidates(rows, sweep.top_k)
+        chosen[readout] = [rows[i]["estimator"] for i in picked]
         table[readout] = rows
-    return chosen, table
+    return chosen, table, decided
 
 
 def cached_sweep(
@@ -154,8 +187,8 @@ def cached_sweep(
     if stage is None:
         assert protocol.sweep is not None
         reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(readouts))
-        chosen, table = select_estimators(views, protocol, readouts, dev, spec, reporter)
-        stage = {"chosen": chosen, "table": table, "key": key}
+        chosen, table, decided = select_estimators(views, protocol, readouts, dev, spec, reporter)
+        stage = {"chosen": chosen, "table": table, "decided_by": decided, "key": key}
         sweeps.save(key, stage)
     return stage
 

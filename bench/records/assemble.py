@@ -90,6 +90,7 @@ def assemble(
     readouts = list(plan_dict["readouts"])
     selection: dict[str, dict[str, list[str]]] = {}
     sweep_tables: dict[str, Any] = {}
+    decided_by: dict[str, Any] = {}  # per protocol and readout: what decided the sweep's choice
     for protocol in plan_dict["protocols"]:
         name = protocol["name"]
         if protocol["sweep"] is None:
@@ -99,6 +100,7 @@ def assemble(
         if stage is None:
             return None
         selection[name], sweep_tables[name] = stage["chosen"], stage["table"]
+        decided_by[name] = stage.get("decided_by", {})
     parts: list[dict[str, Any]] = []
     seconds: dict[tuple[str, ...], float] = {}
     warnings: list[dict[str, Any]] = []
@@ -125,6 +127,7 @@ def assemble(
     results = {
         "selection": selection,
         "sweep": sweep_tables,
+        "sweep_decided_by": decided_by,
         "columns": columns,
         "summary": summarize(columns, plan_dict),
         "warnings": warnings,
@@ -266,6 +269,7 @@ def merge_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:
         col = dict(zip(COLUMN_KEYS, ident, strict=True))
         for key in ("attacked", "broken", "linf"):
             col[key] = [v for r in rows for v in r[key]]
+        col["nonfinite_grad_rows"] = sum(int(r.get("nonfinite_grad_rows", 0)) for r in rows)
         cols.append(col)
     merged["attacks"] = cols
     return merged

@@ -18,7 +18,7 @@ FLAG_PATTERNS: tuple[tuple[str, str], ...] = (
     ("n-classes", "dlr loss"),
 )
 # Flags that say something about the setup but not that the robustness number may be overestimated.
-INFO_FLAGS = frozenset({"dynamic-check-unsupported", "n-classes", "white-box-weaker"})
+INFO_FLAGS = frozenset({"dynamic-check-unsupported", "n-classes", "white-box-weaker", "sweep-tie"})
 
 
 def classify_warning(message: str) -> str:

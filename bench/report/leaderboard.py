@@ -278,6 +278,11 @@ class Run:
                 raise _malformed(self.path, "unreadable sanity section") from None
         if _any_diverged(self.columns, readout):
             flags.add("solver-diverged")
+        if any(c.get("readout") == readout and c.get("nonfinite_grad_rows") for c in self.columns["attacks"]):
+            flags.add("nonfinite-grad")  # an estimator's gradient was dropped for some rows: weaker attack
+        decided = self.doc["results"].get("sweep_decided_by", {})
+        if any(isinstance(d, dict) and d.get(readout) == "order" for d in decided.values()):
+            flags.add("sweep-tie")  # candidates tied on accuracy and margin: the first listed was taken
         return sorted(flags)
 
 
