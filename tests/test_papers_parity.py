@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import make_papers_fixture as papers  # the fixture script's "our side" (no papers' code imported)
 
+from bench.deq.view import AttackView
 from bench.errors import BenchError
 from models.deq import DeployConfig
 
@@ -41,17 +42,22 @@ def _golden() -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def runs() -> list[tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]]:
-    """Per batch: their outputs, and ours under each batching."""
+def model():
+    """The fixture's checkpoint (their layout) through bench's registry loader, in float64."""
     with papers.float64():
-        model = papers.bench_model(
-            "papers-mdeq-small", papers.SMALL_CONFIG, FIXTURE.parent / papers.CHECKPOINT
-        )
-        assert next(model.parameters()).dtype == torch.float64
-        out = []
-        for golden in _golden():
-            x, y = golden.pop("x"), golden.pop("y")
-            out.append((golden, {mode: papers.ours(model, x, y, mode) for mode in papers.BATCHINGS}))
+        checkpoint = FIXTURE.parent / papers.CHECKPOINT
+        model = papers.bench_model("papers-mdeq-small", papers.SMALL_CONFIG, checkpoint)
+    assert next(model.parameters()).dtype == torch.float64
+    return model
+
+
+@pytest.fixture(scope="module")
+def runs(model) -> list[tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]]:
+    """Per batch: their outputs, and ours under each batching."""
+    out = []
+    for golden in _golden():
+        x, y = golden.pop("x"), golden.pop("y")
+        out.append((golden, {mode: papers.ours(model, x, y, mode) for mode in papers.BATCHINGS}))
     return out
 
 
@@ -109,6 +115,26 @@ def test_per_example_differs_from_their_code_on_the_crafted_rows(runs):
             assert bool((err > 1e-4).all()), (key, err.tolist())
             differing[key] += int(mask.sum())
     assert all(differing.values()), differing
+
+
+@pytest.mark.parametrize(
+    ("deploy", "estimator", "theirs"), [("fz", "exact", "real"), ("unroll", "unroll:9:0.5", "unroll")]
+)
+def test_attack_view_reproduces_their_pgd_gradient_where_the_deployed_value_is_the_estimator_s(
+    model, deploy, estimator, theirs
+):
+    """AttackView takes CE on the deployed value (docs/fidelity.md); when that value is the estimator's own
+    logits (a real-trained model attacked with `exact`, an unroll-trained one with `unroll:9:0.5`), its
+    gradient is their pgd()'s, and model(x) is their deployed prediction."""
+    refine = {"refine_steps": 0} if deploy == "fz" else {}
+    for golden in _golden():
+        x, y = golden["x"], golden["y"]
+        with papers.batching(model, "papers", **refine):
+            assert float((model(x) - golden[deploy]).abs().max()) < TOL
+            xg = x.clone().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(AttackView(model, "final", estimator)(xg), y)
+            (grad,) = torch.autograd.grad(loss, xg)
+        assert float(rel_error("grad", grad, golden[f"grad/{theirs}"]).max()) < TOL
 
 
 def test_batching_is_validated_and_kept_out_of_default_records():
