@@ -104,8 +104,9 @@ class _Stage:
         change of the carried state's residual under the new input.
 
         The paper's code shifts by g_new(z_carried) - g_old(z_last): the same when the carried state is
-        the last iterate (the usual case with its batch-global pick); when a row carries an earlier
-        iterate, theirs nearly cancels dg and the column explodes, so per example g_old(z_carried) is used.
+        the last iterate; when a row carries an earlier one, theirs nearly cancels dg and the column
+        explodes, so per example g_old(z_carried) is used (with batching "papers", theirs: `g_old` holds
+        g at the last iterate; their batch-wide pick carries an earlier one in many batches).
         """
         us, vs = self.us[:-1], self.vs[:-1]
         u, v = _rank_one(us, vs, self.dz, self.dg + (g_new_at_result - self.g_old))
