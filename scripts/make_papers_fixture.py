@@ -141,7 +141,6 @@ def ours(model: Any, x: Tensor, y: Tensor, mode: str) -> dict[str, Tensor]:
                 out["fz"] = FINAL.logits(model, traj, u)
             out["states"] = torch.stack([model.head(traj.state(t)) for t in range(1, traj.max_iter + 1)])
         out["forward_pick"] = traj.lowest_index
-        out["forward_steps"] = traj.nsteps
         for name, spec in ESTIMATORS.items():
             estimator = parse_estimator(spec)
             xg = x.clone().requires_grad_(True)
