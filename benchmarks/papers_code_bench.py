@@ -29,87 +29,26 @@ per example, to compare f's cost with our implementation of MDEQ-Large.
 
     .venv/bin/python benchmarks/papers_code_bench.py --papers-repo DIR [--n 64] [--batch 32] [--threads 2]
 
-Needs `yacs` and `termcolor` (imported by their code) in the environment. Runtime shims, all below in
-`load_papers_model` / `count_calls`, none editing their files: mdeq.py has one tab-indented line that
-Python 3 rejects (TabError), so its source is read, its tabs expanded, and compiled in memory; nothing else
-needed changing on CPU (the only CUDA call on the path is torch.cuda.empty_cache(), a no-op without CUDA;
-their `.cuda()` calls and DataParallel live in their driver scripts, which are not used).
+Needs `yacs` and `termcolor` (imported by their code) in the environment. Their code is loaded by
+benchmarks/papers_code.py (its shims: see there); `count_calls` below wraps their f without editing it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from papers_code import call, load_papers_model  # the shared loader (same folder: on sys.path)
 
 # their AttackGrad name -> our estimator spec (benchmarks/evaluate_bench.py PAPERS_SECONDS_PER_EXAMPLE)
 ESTIMATORS = {"Munroll-6-1": "state:7:1:0.5", "real": "exact"}
-SUBFOLDER = "deq-evaluation-with-unrolled-intermediates"
-
-
-def _papers_root(repo: Path) -> Path:
-    for root in (repo / SUBFOLDER, repo):
-        if (root / "MDEQ-Vision" / "lib" / "models" / "mdeq_core.py").is_file():
-            return root
-    raise SystemExit(
-        f"{repo}: no {SUBFOLDER}/MDEQ-Vision/lib/models/mdeq_core.py (a checkout of their repo?)"
-    )
-
-
-def _import_tab_fixed(name: str, path: Path) -> ModuleType:
-    """Shim: import `path` as module `name` with tabs expanded (their mdeq.py line 181 is a TabError)."""
-    source = path.read_text().expandtabs(4)
-    module = ModuleType(name)
-    module.__file__ = str(path)
-    sys.modules[name] = module
-    exec(compile(source, str(path), "exec"), module.__dict__)
-    return module
-
-
-def load_papers_model(repo: Path, seed: int) -> tuple[torch.nn.Module, Any]:
-    """Their MDEQ-Large classifier (random init, eval mode, CPU) and their frozen yacs config."""
-    root = _papers_root(repo)
-    vision = root / "MDEQ-Vision"
-    # Their import layout: tools/_init_paths.py puts MDEQ-Vision/lib first (config, utils); mdeq.py and
-    # mdeq_core.py add "lib/models" and "../" relative to the working directory, for `mdeq_core` and the
-    # shared `lib.solvers` / `lib.optimizations` one level up. Same directories, but absolute.
-    for path in (root, vision / "lib", vision / "lib" / "models"):
-        sys.path.insert(0, str(path))
-    from config import config, update_config  # their yacs defaults (MDEQ-Vision/lib/config)
-
-    cfg = config.clone()
-    yaml = vision / "experiments" / "cifar" / "cls_mdeq_LARGE_reg.yaml"
-    update_config(
-        cfg,
-        SimpleNamespace(
-            cfg=str(yaml), modelDir="", logDir="", dataDir="", testModel="", percent=1.0, opts=[]
-        ),
-    )
-    mdeq = _import_tab_fixed("mdeq", vision / "lib" / "models" / "mdeq.py")
-    torch.manual_seed(seed)
-    model = mdeq.get_cls_net(cfg)  # as cls_valid_observe_train.py: get_cls_net(config), their init_weights
-    return model.eval(), cfg
-
-
-def call(model: torch.nn.Module, x: torch.Tensor, attack_grad: str) -> torch.Tensor:
-    """Logits, called exactly as their pgd() / AutoAttack forward_pass call the model."""
-    return model(
-        x,
-        train_step=-1,
-        compute_jac_loss=False,
-        spectral_radius_mode=False,
-        writer=None,
-        AttackGrad=attack_grad,
-    )[0]
 
 
 def pgd(
@@ -127,7 +66,7 @@ def pgd(
     with torch.enable_grad():
         for _ in range(num_steps):
             x_adv.requires_grad_()
-            output = call(model, x_adv, attack_grad)
+            output = call(model, x_adv, attack_grad)[0]
             model.zero_grad()
             F.cross_entropy(output, target).backward()
             x_adv = x_adv.detach() + step_size * x_adv.grad.sign()
@@ -139,7 +78,7 @@ def pgd(
 def deployed(model: torch.nn.Module, x: torch.Tensor, train_grad: str) -> torch.Tensor:
     """Their judging forward (validate_observe_train: AttackGrad=TrainGrad under no_grad), argmax."""
     with torch.no_grad():
-        return call(model, x, train_grad).argmax(1)
+        return call(model, x, train_grad)[0].argmax(1)
 
 
 @contextmanager
@@ -218,7 +157,7 @@ def main() -> None:
     for attack_grad, spec in ESTIMATORS.items():
         np.random.seed(args.seed)
         xb = x[:batch].clone().requires_grad_()
-        F.cross_entropy(call(model, xb, attack_grad), y[:batch]).backward()  # warm-up at the timed shape
+        F.cross_entropy(call(model, xb, attack_grad)[0], y[:batch]).backward()  # warm-up at the timed shape
         robust = 0
         with count_calls(model) as counts:
             attack_f = attack_vjp = 0

@@ -9,6 +9,7 @@ the defended prediction bit for bit.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -301,3 +302,27 @@ def test_views_refuse_states_the_defense_does_not_have(micro):
         BPDAView(model, "entropy-reduction", injection="clean")
     assert AdaptiveView(model, "entropy-reduction").memory_cost()["f_in_graph"] == 12
     assert BPDAView(model, "entropy-reduction", estimator="unroll:5:0.5").memory_cost()["f_in_graph"] == 6
+
+
+def test_papers_batching_takes_one_stop_and_one_pick_per_stage_for_the_whole_batch():
+    model = linear_toy(rho=0.3).eval()
+    model.deploy = replace(model.deploy, batching="papers")
+    result = FROZEN.run(model, inputs(4))  # per example some rows stop inside a stage (test above)
+    assert not result.per_example and not result.trajectory().per_example
+    assert bool((result.stage_picks == result.stage_picks[:1]).all())
+    assert bool((result.nsteps == result.nsteps[0]).all())
+
+
+def test_a_batch_that_stops_a_stage_ends_it_there_in_papers_batching():
+    """As the papers' Broyden breaks: no further f evaluation; the stopped iterate fills the stage."""
+    model = linear_toy(rho=0.3).eval()
+    d = EntropyReduction(stages=2, steps=2, alpha=0.02, eps=0.1, solver_steps=3, tol=0.5)
+    calls = {}
+    for batching in ("per-example", "papers"):
+        model.deploy = replace(model.deploy, batching=batching)
+        with count_f_evals(model) as counter:
+            result = d.run(model, inputs(4))
+        calls[batching] = counter.calls
+        assert len(result.states) == d.n_states
+        assert torch.equal(result.states[0], result.states[2])  # every row stops after one step
+    assert calls == {"per-example": 2 * (1 + 3) + 2, "papers": 2 * (1 + 1) + 2}

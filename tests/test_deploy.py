@@ -69,3 +69,16 @@ def test_leaderboard_rows_show_the_deploy(micro, tmp_path):
 def test_deploy_needs_a_deq(micro, tmp_path):
     with pytest.raises(BenchError, match="--deploy needs a DEQ model"):
         _run(tmp_path, model="cnn-micro", deploy="fz")
+
+
+def test_papers_batching_reaches_the_model_and_the_run_id(micro, tmp_path):
+    from bench.deq.protocol import BATCHING_MODES
+    from bench.spec import Batching
+
+    assert tuple(b.value for b in Batching) == BATCHING_MODES  # one grammar for the flag and the model
+    default, _, _ = _run(tmp_path)
+    papers, _, _ = _run(tmp_path, batching="papers")
+    assert papers["run_id"] != default["run_id"]
+    assert papers["spec"]["batching"] == "papers" and papers["spec"]["deploy"]["batching"] == "papers"
+    assert default["spec"]["batching"] == "per-example" and "batching" not in default["spec"]["deploy"]
+    assert papers["request"]["batching"] == "papers"

@@ -240,3 +240,23 @@ def test_paper_grammar_maps_to_our_specs(paper, ours):
 def test_unknown_paper_grammar_raises(bad):
     with pytest.raises(BenchError):
         from_paper_grammar(bad)
+
+
+def test_exact_backward_solve_batches_as_the_forward_solve():
+    """Per example each row picks its own lowest-residual adjoint iterate; batch-wide (the papers' "real")
+    one step holds for all rows. Rows whose own pick is the batch's get the same gradient either way (rows
+    whose picks differ: tests/test_papers_parity.py, on the papers' own outputs)."""
+    model, x = tanh_toy(rho=0.95, max_iter=8, tol=1e-12), inputs(6)
+    g = _logit_grad(6)
+    grads, picks = {}, {}
+    for per_example in (True, False):
+        traj = _trajectory(model, x, per_example=per_example)
+        exact = ExactImplicit(4, 1e-12)
+        xr = x.clone().requires_grad_(True)
+        (exact.surrogate(model, model.inject(xr), traj) * g).sum().backward()
+        assert exact.last_backward is not None and exact.last_backward.per_example is per_example
+        grads[per_example], picks[per_example] = xr.grad, exact.last_backward.lowest_index
+    assert bool((picks[False] == picks[False][0]).all())
+    same = picks[True] == picks[False]
+    assert bool(same.any())
+    assert torch.allclose(grads[True][same], grads[False][same], rtol=0, atol=1e-12)

@@ -415,9 +415,8 @@ def test_dropped_nonfinite_gradients_are_counted_per_attack_and_flagged(micro, t
         return torch.cat([torch.full_like(out[:1], float("nan")), out[1:]])
 
     monkeypatch.setattr(Unroll, "surrogate", nan_first_row)
-    doc, path, _ = evaluate(
-        _cfg(tmp_path, suite="white-box", attacks=["pgd:2"], grads=["state:2:1:1"], n_examples=3, batch_size=3)
-    )
+    cfg = _cfg(tmp_path, suite="white-box", attacks=["pgd:2"], grads=["state:2:1:1"], n_examples=3)
+    doc, path, _ = evaluate(cfg)
     (col,) = doc["results"]["columns"]["attacks"]
     assert col["nonfinite_grad_rows"] >= 1  # row 0 of every attacked forward lost its gradient
     assert "nonfinite-grad" in load_run(path).flags("final")

@@ -282,3 +282,14 @@ def test_in_place_row_sums_match_rowsum_bit_for_bit():
     for d in (1, 2, 3, 7, 64, 1001):
         x = torch.randn(2, 3, d, generator=gen)
         assert torch.equal(_rowsum_consuming(x.clone()), rowsum(x))
+
+
+def test_deploy_batching_sets_the_solver_s_batch_mode_and_the_trajectory_records_it():
+    assert SolverSettings.from_deploy(DeployConfig()).per_example
+    papers = SolverSettings.from_deploy(DeployConfig(batching="papers"))
+    assert not papers.per_example
+    model = linear_toy()
+    u = model.inject(inputs(3))
+    for per_example in (True, False):
+        traj = solve(model.f, model.init_state(u), "broyden", max_iter=4, u=u, per_example=per_example)
+        assert traj.per_example is per_example

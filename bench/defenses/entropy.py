@@ -16,11 +16,14 @@ first step uses carried memory: that step is z - B_lift g(z), with B_lift the pr
 Jacobian estimate whose last rank-one column is recomputed with the residual under the new input (the
 lift: dg' = dg + g_new(z_s) - g_old(z_s)). The later steps of a stage use fresh memory (the papers'
 Broyden resets its step counter, so in-stage updates overwrite the carried columns). The stage's
-lowest-residual iterate is carried to the next stage. Differences to the paper's code (docs/defenses.md):
-per-example norms, stops and lowest-residual picks (theirs are batch-global); the lift's shift uses
-g_old at the carried state (theirs at the last iterate: the same unless a row carries an earlier one); the
-last stage's input steps and lift, which influence no state, are skipped; the lift's f(z_s; x~) doubles
-as the next stage's initial f (their code evaluates it twice).
+lowest-residual iterate is carried to the next stage. Differences to the paper's code (docs/defenses.md,
+docs/fidelity.md): per example (the default), norms, stops and lowest-residual picks are per row and the
+lift's shift uses g_old at the carried state (theirs: batch-global, and g_old at the last iterate: the
+same unless a row carries an earlier one); with the model's DeployConfig.batching = "papers" all three
+are the papers' (a stage the whole batch stops early ends there, as theirs does, but its last iterate
+repeats so that N T_f states remain; theirs then lists fewer). In both modes the last stage's input steps
+and lift, which influence no state, are skipped, and the lift's f(z_s; x~) doubles as the next stage's
+initial f (their code evaluates it twice).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor
 
 from bench.defenses.specs import GRAMMAR, parse_count, parse_number, parse_options
-from bench.deq.solvers import PROTECT, REL_EPS, STOP_MODES, rowdot, rownorm, rowsum
+from bench.deq.solvers import REL_EPS, STOP_MODES, StopRule, per_example_of, rowdot, rownorm, rowsum
 from bench.deq.trajectory import Trajectory
 from bench.errors import BenchError
 from bench.numbers import format_fraction
@@ -88,24 +91,26 @@ class _Stage:
     abs_residual: Tensor  # (B, T_f)
     rel_residual: Tensor  # (B, T_f)
     result: Tensor  # lowest-residual iterate per row, the next stage's start
+    pick: Tensor  # (B,) 0-based index of that iterate within the stage
     steps: Tensor  # (B,) steps each row took
     diverged: Tensor  # (B,)
     us: list[Tensor]
     vs: list[Tensor]
     dz: Tensor  # last step's z difference
     dg: Tensor  # last step's residual difference (old input)
-    g_result: Tensor  # residual of the carried iterate (old input)
+    g_old: Tensor  # the lift's old residual: at the carried iterate (per example) or the last (papers)
 
     def lifted_memory(self, g_new_at_result: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """The memory with its last column recomputed after shifting the last residual difference by the
         change of the carried state's residual under the new input.
 
         The paper's code shifts by g_new(z_carried) - g_old(z_last): the same when the carried state is
-        the last iterate (the usual case with its batch-global pick); when a row carries an earlier
-        iterate, theirs nearly cancels dg and the column explodes, so ours uses g_old(z_carried).
+        the last iterate; when a row carries an earlier one, theirs nearly cancels dg and the column
+        explodes, so per example g_old(z_carried) is used (with batching "papers", theirs: `g_old` holds
+        g at the last iterate; their batch-wide pick carries an earlier one in many batches).
         """
         us, vs = self.us[:-1], self.vs[:-1]
-        u, v = _rank_one(us, vs, self.dz, self.dg + (g_new_at_result - self.g_result))
+        u, v = _rank_one(us, vs, self.dz, self.dg + (g_new_at_result - self.g_old))
         return [*us, u], [*vs, v]
 
 
@@ -117,16 +122,21 @@ def _broyden_stage(
     steps: int,
     tol: float,
     stop_mode: str,
+    per_example: bool = True,
 ) -> _Stage:
     """`steps` good-Broyden steps from z0 (f(z0) = fz0 given), the first with the carried memory.
 
-    Per row: a row stops (and is frozen) when its residual falls below tol, becomes non-finite or exceeds
-    PROTECT times the stage's first residual; a frozen row's zero secant pair adds a zero column. f is
-    evaluated on the whole batch (it is per example in eval mode), so autograd may run through everything.
+    The stop rule is the forward solver's (StopRule): per row, a row stops (and is frozen) when its
+    residual falls below tol, becomes non-finite or exceeds PROTECT times the stage's first residual, and a
+    frozen row's zero secant pair adds a zero column; batch-wide (the papers'), the same test on the norm
+    over the whole batch stops every row at once, and the stage ends there as in their code (its last
+    iterate repeats). f is evaluated on the whole batch (it is per example in eval mode), so autograd may
+    run through everything.
     """
     batch = z0.shape[0]
     z, fz, g = z0, fz0, fz0 - z0
     update = -_matvec(*carry, g) if carry is not None else g
+    rule = StopRule(tol, stop_mode, per_example, broyden_guards=True)
     us: list[Tensor] = []
     vs: list[Tensor] = []
     states: list[Tensor] = []
@@ -135,48 +145,52 @@ def _broyden_stage(
     active = torch.ones(batch, dtype=torch.bool, device=z0.device)
     taken = torch.zeros(batch, dtype=torch.long, device=z0.device)
     diverged = torch.zeros_like(active)
-    result, g_result, lowest, first = z0, g, None, None
+    result, g_result = z0, g
+    pick = torch.zeros(batch, dtype=torch.long, device=z0.device)
     dz = dg = torch.zeros_like(z0)
-    for _ in range(steps):
+    for step in range(steps):
         keep = active[:, None]
         z_new = torch.where(keep, z + update, z)
         fz_new = torch.where(keep, f(z_new), fz)
         g_new = fz_new - z_new
         abs_t = rownorm(g_new)
-        rel_t = abs_t / (rownorm(fz_new) + REL_EPS)
-        obj = rel_t if stop_mode == "rel" else abs_t
-        if lowest is None:
-            improve, lowest, first = active, obj, obj
-        else:
-            improve = active & (obj < lowest)
-            lowest = torch.where(improve, obj, lowest)
+        fz_norm = rownorm(fz_new)
+        rel_t = abs_t / (fz_norm + REL_EPS)
+        abs_cols.append(abs_t)
+        rel_cols.append(rel_t)
+        trace = torch.stack(rel_cols if stop_mode == "rel" else abs_cols, dim=1).detach()
+        stop, improve, protect = rule(trace, abs_t.detach(), fz_norm.detach(), active)
         result = torch.where(improve[:, None], z_new, result)
         g_result = torch.where(improve[:, None], g_new, g_result)
-        finite = torch.isfinite(obj)
-        protect = obj > first * PROTECT[stop_mode]
+        pick = torch.where(improve, step, pick)
         taken = taken + active.long()
-        diverged = diverged | (active & (protect | ~finite))
-        active = active & ~((obj < tol) | ~finite | protect)
+        diverged = diverged | (active & (protect | ~torch.isfinite(trace[:, -1])))
+        active = active & ~stop
         dz, dg = z_new - z, g_new - g
         u, v = _rank_one(us, vs, dz, dg)
         us, vs = [*us, u], [*vs, v]
         update = -_matvec(us, vs, g_new)
         z, fz, g = z_new, fz_new, g_new
         states.append(z)
-        abs_cols.append(abs_t)
-        rel_cols.append(rel_t)
+        if not per_example and not bool(active.any()):  # the papers' break: no further step
+            break
+    while len(states) < steps:
+        states.append(z)
+        abs_cols.append(abs_cols[-1])
+        rel_cols.append(rel_cols[-1])
     return _Stage(
         states=states,
         abs_residual=torch.stack(abs_cols, dim=1).detach(),
         rel_residual=torch.stack(rel_cols, dim=1).detach(),
         result=result,
+        pick=pick,
         steps=taken,
         diverged=diverged,
         us=us,
         vs=vs,
         dz=dz,
         dg=dg,
-        g_result=g_result,
+        g_old=g_result if per_example else g,
     )
 
 
@@ -200,6 +214,7 @@ class DefendedResult:
     abs_residual: Tensor  # (B, N T_f)
     rel_residual: Tensor  # (B, N T_f)
     nsteps: Tensor  # (B,) Broyden steps taken over all stages
+    stage_picks: Tensor  # (B, N) per stage, the 0-based index of the lowest-residual iterate carried on
     diverged: Tensor  # (B,)
     entropy_before: Tensor  # (B, N-1)
     entropy_after: Tensor  # (B, N-1)
@@ -208,6 +223,7 @@ class DefendedResult:
     f_backward: int  # f backward passes (input steps)
     stop_mode: str = "rel"
     solver_steps: int = 2
+    per_example: bool = True  # False: the papers' batch-wide stops and picks (DeployConfig.batching)
 
     @property
     def x_purified(self) -> Tensor:
@@ -228,6 +244,7 @@ class DefendedResult:
             f_evals=self.f_evals,
             initial=self.initial.detach(),
             stop_mode=self.stop_mode,
+            per_example=self.per_example,
         )
 
     def stats(self) -> dict[str, Any]:
@@ -390,6 +407,7 @@ class EntropyReduction:
 
         With track_grad the states keep their autograd graph to x (through the injections, the Broyden
         steps and the purified inputs, whose sign directions count as constants); otherwise all is detached.
+        The Broyden stages batch as model.deploy.batching says (per example, or the papers' batch-wide).
         """
         if getattr(model, "training", False):
             raise BenchError("entropy reduction needs the model in eval mode (call model.eval())")
@@ -398,6 +416,7 @@ class EntropyReduction:
                 "entropy reduction differentiates its input steps: run it outside inference_mode"
             )
         x = x if track_grad else x.detach()
+        per_example = per_example_of(getattr(model, "deploy", None))
         model.begin_forward(x.shape[0])
         counts = {"f": 0}
 
@@ -428,7 +447,14 @@ class EntropyReduction:
                     after.append(h_after)
                     carry = stages[-1].lifted_memory(fz - z)
                 stage = _broyden_stage(
-                    lambda v, u=u: f(v, u), z, fz, carry, self.solver_steps, self.tol, self.stop_mode
+                    lambda v, u=u: f(v, u),
+                    z,
+                    fz,
+                    carry,
+                    self.solver_steps,
+                    self.tol,
+                    self.stop_mode,
+                    per_example,
                 )
                 stages.append(stage)
                 z = stage.result
@@ -441,6 +467,7 @@ class EntropyReduction:
             abs_residual=torch.cat([st.abs_residual for st in stages], dim=1),
             rel_residual=torch.cat([st.rel_residual for st in stages], dim=1),
             nsteps=sum(st.steps for st in stages),
+            stage_picks=torch.stack([st.pick for st in stages], dim=1),
             diverged=torch.stack([st.diverged for st in stages]).any(dim=0),
             entropy_before=torch.stack(before, dim=1) if before else empty,
             entropy_after=torch.stack(after, dim=1) if after else empty,
@@ -449,6 +476,7 @@ class EntropyReduction:
             f_backward=len(signs),
             stop_mode=self.stop_mode,
             solver_steps=self.solver_steps,
+            per_example=per_example,
         )
 
 

@@ -9,7 +9,12 @@ gradient only flows through the f applications recomputed here. Spec strings:
                             incoming gradient a by w solving w = J^T w + a (J = df/dz at z*), found by
                             Broyden (T steps, rel. tol, lowest residual, from w = 0) with VJPs on a detached
                             copy f(z*_copy); w then flows through the single f(z*) to x. `exact` is the
-                            papers' backward solver, exact:7:0.001 (B_THRES = 7, eps 1e-3).
+                            papers' backward solver, exact:7:0.001 (B_THRES = 7, eps 1e-3). The backward
+                            solve batches as the forward one did (Trajectory.per_example, from
+                            DeployConfig.batching): per example, each row's w is its own lowest-residual
+                            Broyden iterate, independent of the batch; with batching "papers" one stop and
+                            one lowest-residual step hold for the whole batch, exactly the papers' "real"
+                            (a row's w, hence its gradient, then depends on the other rows).
     unroll:K:lam            phantom gradient: y = f(z*), then K damped steps y <- (1-lam) y + lam f(y);
                             autograd through these K+1 f's.
     state:t:K:lam           the same from the intermediate state z[t] (1-based) instead of z*.
@@ -134,7 +139,12 @@ class _HookedEstimator(Estimator):
 
 
 class ExactImplicit(_HookedEstimator):
-    """Implicit-function-theorem gradient with an iterative backward solve (the papers' "real")."""
+    """Implicit-function-theorem gradient with an iterative backward solve (the papers' "real").
+
+    The backward Broyden solve is per example or batch-wide as the forward solve was (traj.per_example):
+    with few steps its lowest-residual pick decides the gradient, so only the batch-wide solve reproduces
+    the papers' "real" on rows whose own pick differs from the batch's.
+    """
 
     backward_f_evals = 1
 
@@ -150,7 +160,14 @@ class ExactImplicit(_HookedEstimator):
     def backward(self, model: Any, u: Any, traj: Trajectory, a: Tensor) -> Tensor:
         jt = _vjp(*_copy_graph(model, traj.result, u))
         back = solve(
-            lambda w: jt(w) + a, torch.zeros_like(a), "broyden", self.max_iter, self.tol, "rel", keep=()
+            lambda w: jt(w) + a,
+            torch.zeros_like(a),
+            "broyden",
+            self.max_iter,
+            self.tol,
+            "rel",
+            keep=(),
+            per_example=traj.per_example,
         )
         self.last_backward = back
         return back.result

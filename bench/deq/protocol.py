@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+BATCHING_MODES = ("per-example", "papers")
+
 
 @dataclass(frozen=True)
 class DeployConfig:
@@ -26,6 +28,12 @@ class DeployConfig:
     state is f(z*) followed by 9 damped steps with lambda 0.5. `refine_steps = 0` with
     `refine_apply_f = False` predicts from z* itself. `train_unroll_steps` / `train_lambda` are the
     phantom gradient the model was trained with (the "ready-made" attacker's gradient).
+
+    `batching` says how the Broyden-type solves treat a batch: "per-example" (default) takes the stop
+    rule and the lowest-residual pick per row, so a row's result never depends on its batch; "papers"
+    reproduces the papers' code, whose norms run over the whole batch tensor, so one stop and one
+    lowest-residual step hold for every row. It drives the forward solve (SolverSettings.from_deploy),
+    the backward solve of the `exact` estimator and the entropy-reduction defense (docs/fidelity.md).
     """
 
     solver: str = "broyden"
@@ -37,9 +45,32 @@ class DeployConfig:
     refine_lambda: float = 0.5
     train_unroll_steps: int = 5
     train_lambda: float = 0.5
+    batching: str = "per-example"
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING_MODES:
+            from bench.errors import BenchError
+
+            raise BenchError(
+                f"batching must be 'per-example' or 'papers' (the papers' batch-wide solver), "
+                f"got {self.batching!r}"
+            )
+
+    @property
+    def per_example(self) -> bool:
+        """True unless the solves follow the papers' batch-wide stop rule and lowest-residual pick."""
+        return self.batching == "per-example"
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The fields as a dict; `batching` only when it is not the default.
+
+        Records hash this dict into their run id: leaving the default out keeps the ids (and the reuse)
+        of every record made before the field existed, while a papers-batching run gets its own id.
+        """
+        values = asdict(self)
+        if values["batching"] == "per-example":
+            del values["batching"]
+        return values
 
 
 class DEQClassifier(nn.Module):

@@ -11,8 +11,11 @@ state is a pairwise sum built from elementwise adds (`rowsum`), so a row's numbe
 whether it is solved alone or in any batch, provided f itself is per example (torch's matmul, bmm and sum
 kernels take a different path for one row than for several, so they are avoided). `per_example=False`
 reproduces the papers' batch-global solver: norms over the whole batch tensor, one stop and one
-lowest-residual step for all. The first iterate counts as the lowest so far (the papers start from z0
-with a residual of 1e8, which only differs when every residual is >= 1e8 or NaN).
+lowest-residual step for all (DeployConfig.batching = "papers", which also switches the `exact`
+estimator's backward solve and the entropy-reduction defense; docs/fidelity.md). The first iterate
+counts as the lowest so far (the papers start from z0 with a residual of 1e8, which only differs when
+every residual is >= 1e8 or NaN). When the whole batch stops early the papers' list of iterates is
+shorter; here the last iterate repeats, so the trajectory keeps its `max_iter` states either way.
 
 Broyden follows the papers' code (locuslab/deq, as forked by Yang et al.): no line search, inverse
 Jacobian estimate B = -I + U V^T kept as low-rank factors, first step z[1] = z0 + g(z0) (= f(z0) from
@@ -110,6 +113,12 @@ def _zero_nonfinite(x: Tensor) -> Tensor:
 # ----- settings ---------------------------------------------------------------------------------
 
 
+def per_example_of(deploy: Any) -> bool:
+    """Whether a DeployConfig asks for per-example solves (batching "per-example", also the default of a
+    deploy object without the field) rather than the papers' batch-wide ones (batching "papers")."""
+    return getattr(deploy, "batching", "per-example") == "per-example"
+
+
 @dataclass(frozen=True)
 class SolverSettings:
     """The forward solver of one solve: a DeployConfig's solver fields plus per-example mode."""
@@ -122,8 +131,15 @@ class SolverSettings:
 
     @classmethod
     def from_deploy(cls, deploy: Any, overrides: Mapping[str, Any] | None = None) -> SolverSettings:
-        """The deployed model's solver (DeployConfig), with `overrides` applied by field name."""
-        base = cls(method=deploy.solver, max_iter=deploy.max_iter, tol=deploy.tol, stop_mode=deploy.stop_mode)
+        """The deployed model's solver (DeployConfig, its `batching` included), with `overrides` applied by
+        field name."""
+        base = cls(
+            method=deploy.solver,
+            max_iter=deploy.max_iter,
+            tol=deploy.tol,
+            stop_mode=deploy.stop_mode,
+            per_example=per_example_of(deploy),
+        )
         if not overrides:
             return base
         names = [f.name for f in fields(cls)]
@@ -342,12 +358,12 @@ def solve(
         stepper = _Damped(damping)
     else:
         stepper = _FixedPoint()
-    rule = _StopRule(tol, stop_mode, per_example, broyden_guards=method == "broyden")
+    rule = StopRule(tol, stop_mode, per_example, broyden_guards=method == "broyden")
     with torch.no_grad():
         return _iterate(_Evaluator(f, u), stepper, rule, z0, max_iter, kept)
 
 
-class _StopRule:
+class StopRule:
     """Which rows stop after a step, and which rows' iterate is their lowest-residual one so far.
 
     Per example each row is judged on its own residual; batch-global (the papers' code) on the norm over
@@ -419,7 +435,7 @@ class _StopRule:
 
 
 def _iterate(
-    evaluate: _Evaluator, stepper: Any, rule: _StopRule, z0: Tensor, max_iter: int, kept: set[int]
+    evaluate: _Evaluator, stepper: Any, rule: StopRule, z0: Tensor, max_iter: int, kept: set[int]
 ) -> Trajectory:
     """The shared schedule: propose z[t], evaluate f on active rows, record, decide, freeze."""
     batch, device = z0.shape[0], z0.device
@@ -463,4 +479,5 @@ def _iterate(
         f_evals=evaluate.calls,
         initial=z0,
         stop_mode=rule.mode,
+        per_example=rule.per_example,
     )

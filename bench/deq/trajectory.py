@@ -32,6 +32,7 @@ class Trajectory:
     f_evals: int  # batched f calls spent, the initial f(z0) included
     initial: Tensor  # (B, D) z[0], the starting state
     stop_mode: str = "rel"
+    per_example: bool = True  # False: the papers' batch-wide stop and pick (a backward solve follows suit)
 
     @property
     def max_iter(self) -> int:

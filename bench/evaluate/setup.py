@@ -111,10 +111,7 @@ def _deployed(loaded: LoadedModel, spec: RunSpec) -> LoadedModel:
             raise BenchError(f"--deploy needs a DEQ model; {loaded.entry.name} is a {loaded.entry.family}")
         return loaded
     changes = dict(spec.deploy.overrides()) if spec.deploy is not None else {}
-    if "batching" in {f for f in model.deploy.to_dict()}:
-        changes["batching"] = spec.batching.value
-    if changes:
-        model.deploy = replace(model.deploy, **changes)
+    model.deploy = replace(model.deploy, batching=spec.batching.value, **changes)
     return loaded
 
 
