@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue #17's evaluations: the first 1000 Fashion-MNIST test images at eps 0.1 (the data set's default),
+# suite `lite` (the full protocol at CPU budgets; `full` does not fit a CPU in hours), readouts final, the
+# dev set's early state and the state ensemble; the DEQs also with input entropy reduction on the first 200
+# images (the defended forward costs ~10x an undefended one; stated as n = 200 in the records and tables).
+# One thread, niced: it shares the machine. Runs resume from their last finished batch, so the script can
+# be killed and re-run (or run across sessions: keep results/.partial/); finished runs are reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+B="nice -n 15 .venv/bin/bench"
+R=final,early,ensemble-state
+$B evaluate --model resnet-tiny --suite lite --n-examples 1000 --quiet
+for m in deq-tiny deq-tiny-ris; do
+  $B evaluate --model "$m" --suite lite --n-examples 1000 --readouts "$R" --quiet
+done
+if .venv/bin/bench models --json | grep -q '"deq-tiny-exact"'; then
+  $B evaluate --model deq-tiny-exact --suite lite --n-examples 1000 --readouts "$R" --quiet
+fi
+for m in deq-tiny deq-tiny-ris; do
+  $B evaluate --model "$m" --suite lite --n-examples 200 --readouts "$R" --defense entropy-reduction --quiet
+done
