@@ -148,3 +148,19 @@ def test_json_and_unsupported_formats(records: Path) -> None:
     assert {r["verdict"] for r in rows} >= {"reproduced", "no run"}
     with pytest.raises(BenchError, match="--view findings renders"):
         render_findings(load_runs(records), "latex")
+
+
+def test_random_states_pair_only_with_the_same_recipe(tmp_path: Path) -> None:
+    common = {"dataset": "fashion-mnist", "eps": 0.1, "labels": LABELS, "clean": LABELS, "attacks": []}
+    phantom = {"method": "fast-at", "grad": "unroll:2:0.5"}
+    make_record(tmp_path, "base", model="deq-tiny", recipe={**phantom, "random_state": False}, **common)
+    make_record(
+        tmp_path, "exact", model="deq-tiny", recipe={**phantom, "grad": "exact", "random_state": False},
+        checkpoint_sha256="e" * 64, mtime=2e9, **common,
+    )  # fmt: skip  # newer, same size: it would win a tie if recipes did not count
+    make_record(
+        tmp_path, "ris", model="deq-tiny-ris", recipe={**phantom, "random_state": True},
+        checkpoint_sha256="b" * 64, **common,
+    )  # fmt: skip
+    (row,) = [f.row() for f in findings(load_runs(tmp_path)) if f.key == "ris-clean"]
+    assert row["runs"] == ["ris.json", "base.json"]

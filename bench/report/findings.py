@@ -333,14 +333,22 @@ def states_findings(pools: list[Pool]) -> list[Finding]:
             f"{model}: best intermediate z[t] vs the final readout, on the white-box worst-case inputs",
             b_label="final readout (white-box All)",
         )
-        candidates = [p for p in members if state_masks(p, "white-box") is not None]
-        pool = largest(candidates)
+        # the white-box protocol's worst-case inputs if any run has them, else the ready-made ones
+        protocol = next(
+            (q for q in ("white-box", "ready-made") if any(state_masks(p, q) is not None for p in members)),
+            "white-box",
+        )
+        pool = largest([p for p in members if state_masks(p, protocol) is not None])
         if pool is not None:
             import pandas as pd
 
-            masks = state_masks(pool, "white-box")
+            masks = state_masks(pool, protocol)
             assert masks is not None
-            final = pool.robust("white-box")
+            final = pool.robust(protocol)
+            f.b_label = f"final readout ({protocol} All)"
+            f.measured = (
+                f"{model}: best intermediate z[t] vs the final readout, on the {protocol} worst-case inputs"
+            )
             steps = masks.shape[1] - 1  # intermediate states z[1..T-1]
             if steps >= 1:
                 best = max(range(steps), key=lambda t: (int(masks[:, t].sum()), -t))
@@ -393,9 +401,12 @@ def ris_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> list[Fi
     base = [p for p in deqs if not p.random_state]
 
     def same_arch(a: Pool, b: Pool) -> bool:
+        """Same architecture and size, and the same training recipe but for the random states: only
+        then is the difference the random-state loss's (a DEQ trained with another gradient is not)."""
         fa, fb = a.facts, b.facts
         keys = ("architecture", "parameters")
-        return bool(fa) and bool(fb) and all(fa.get(k) == fb.get(k) for k in keys)
+        same_recipe = all(a.first.recipe.get(k) == b.first.recipe.get(k) for k in ("method", "grad"))
+        return bool(fa) and bool(fb) and all(fa.get(k) == fb.get(k) for k in keys) and same_recipe
 
     pair = best_pair([(r, b) for r in ris for b in base if same_arch(r, b) and _same_examples(r, b)])
     specs = [
