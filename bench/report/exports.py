@@ -113,7 +113,8 @@ DEFINITIONS = (
     "Δ: measured minus the paper's reported number for the same setting. Deploy: the DEQ's deployed "
     "prediction (fz = f(z*); unroll:K:lam = f(z*) then K damped steps). 95% CI: Wilson score interval "
     "over the n examples. One row per setting: the largest run (or merged runs on the same examples); "
-    "--view runs lists every run."
+    "--view runs lists every run. Paired per-example tests (McNemar): --view gap (ready-made vs white-box) "
+    "and --view findings (defended vs undefended, random states vs not, DEQ vs CNN)."
 )
 RUNS_DEFINITIONS = (
     "Every run record and readout on its own row (no merging), in percent, with 95% Wilson intervals. "
