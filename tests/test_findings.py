@@ -164,3 +164,22 @@ def test_random_states_pair_only_with_the_same_recipe(tmp_path: Path) -> None:
     )  # fmt: skip
     (row,) = [f.row() for f in findings(load_runs(tmp_path)) if f.key == "ris-clean"]
     assert row["runs"] == ["ris.json", "base.json"]
+
+
+def test_the_examples_only_white_box_breaks_are_drawn_when_the_images_are_at_hand(tmp_path: Path) -> None:
+    from bench.data import load_dataset
+
+    labels = [int(y) for y in load_dataset("fashion-mnist-builtin", "test", n_examples=N).y]
+    attacks = [
+        _col("ready-made", "pgd", "pgd", "unroll:2:0.5", _mask(set())),
+        _col("white-box", "pgd", "pgd", "state:3:1:1", _mask({1, 2, 3})),
+    ]
+    make_record(
+        tmp_path, "deq", model="deq-tiny", dataset="fashion-mnist", eps=0.1, labels=labels, clean=labels,
+        attacks=attacks,
+    )  # fmt: skip
+    out = tmp_path / "findings.md"
+    leaderboard_command(results_dir=str(tmp_path), fmt="md", view="findings", output=str(out))
+    assert (tmp_path / "plots" / "findings-only-white-box-deq-tiny.png").stat().st_size > 0
+    assert "plots/findings-only-white-box-deq-tiny.svg" in out.read_text()
+    assert "only the white-box attacks break 3 (test-set indices 1, 2, 3)" in out.read_text()

@@ -48,6 +48,9 @@ NEURIPS = "NeurIPS 2022"
 ICML = "ICML 2023"
 FINDINGS_FORMATS = ("md", "table", "json")
 FIGURE_DIR = "plots"
+ONLY_WHITE_BOX = (
+    "findings-only-white-box-"  # stem prefix of a model's grid of the examples only white-box breaks
+)
 
 
 # ----- pools of runs ----------------------------------------------------------------------------------------
@@ -658,8 +661,10 @@ def filter_runs(runs: list[Run], dataset: str | None) -> list[Run]:
     return kept
 
 
-def render_findings(runs: list[Run], fmt: str, dataset: str | None = None) -> str:
-    """The findings as Markdown (md, table) or JSON."""
+def render_findings(
+    runs: list[Run], fmt: str, dataset: str | None = None, figures: dict[str, str] | None = None
+) -> str:
+    """The findings as Markdown (md, table; linking `figures`, stem -> caption) or JSON."""
     if fmt not in FINDINGS_FORMATS:
         raise BenchError(f"--view findings renders {', '.join(FINDINGS_FORMATS)}, not {fmt!r}")
     runs = filter_runs(runs, dataset)
@@ -667,4 +672,4 @@ def render_findings(runs: list[Run], fmt: str, dataset: str | None = None) -> st
         return (
             json.dumps([f.row() for f in findings(runs)], indent=1, sort_keys=True, ensure_ascii=False) + "\n"
         )
-    return render_markdown(runs)
+    return render_markdown(runs, figures)

@@ -21,9 +21,13 @@ def findings_view(
     from bench.io import atomic_write_text
 
     runs = filter_runs([load_run(run)] if run is not None else load_runs(results_dir), dataset)
-    text = render_findings(runs, fmt)
-    if output is None:
-        return [text]
-    written = draw_findings(build_pools(runs), Path(output).parent / FIGURE_DIR) if fmt != "json" else []
+    if output is None or fmt == "json":
+        text = render_findings(runs, fmt)
+        if output is None:
+            return [text]
+        written: list[Path] = []
+    else:
+        written, figures = draw_findings(build_pools(runs), Path(output).parent / FIGURE_DIR)
+        text = render_findings(runs, fmt, figures=figures)
     atomic_write_text(output, text)
     return [*(f"wrote {p}" for p in written), f"wrote {output}"]

@@ -7,10 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.report.findings import Pool, figure_names, gap_examples, largest, state_masks, undefended_deqs
+from bench.errors import BenchError
+from bench.report.findings import (
+    ONLY_WHITE_BOX,
+    Pool,
+    figure_names,
+    gap_examples,
+    largest,
+    state_masks,
+    undefended_deqs,
+)
 from bench.report.plots import _new_figure, _state_axis, save_figure
 
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
 
 FORMATS = ["png", "svg"]
@@ -113,9 +123,73 @@ def draw_gap(pools: list[Pool]) -> Figure:
     return fig
 
 
-def draw_findings(pools: list[Pool], out_dir: Path) -> list[Path]:
-    """Every figure named by findings.figure_names, written as PNG and SVG into out_dir."""
+BUILTIN_N = 1000  # the built-in Fashion-MNIST subset: the test split's first 1000 images
+MAX_IMAGES = 24
+
+
+def test_images(pool: Pool, indices: list[int]) -> np.ndarray | None:
+    """(k, H, W) grey images at these test-set indices, when they can be read offline (the built-in
+    Fashion-MNIST subset) and their labels agree with the record's; None otherwise (the page lists the
+    indices either way)."""
+    import numpy as np
+
+    if pool.first.dataset != "fashion-mnist" or not indices or max(indices) >= BUILTIN_N:
+        return None
+    from bench.data import load_dataset
+
+    try:
+        data = load_dataset("fashion-mnist-builtin", "test", n_examples=BUILTIN_N)
+    except BenchError:
+        return None
+    labels = dict(zip(pool.first.columns["index"], pool.first.columns["label"], strict=True))
+    if any(int(data.y[i]) != int(labels[i]) for i in indices):
+        return None
+    return np.asarray(data.x[indices, 0].numpy())
+
+
+def draw_only_white_box(pool: Pool, indices: list[int], images: np.ndarray) -> Figure:
+    """The examples that only the white-box attacks break, as images with their test-set index."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shown = indices[:MAX_IMAGES]
+    cols = min(8, len(shown))
+    rows = (len(shown) + cols - 1) // cols
+    fig = Figure(figsize=(max(1.1 * cols + 0.4, 4.0), 1.25 * rows + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    labels = dict(zip(pool.first.columns["index"], pool.first.columns["label"], strict=True))
+    for k, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if k < len(shown):
+            ax.imshow(images[k], cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"#{shown[k]} (y={labels[shown[k]]})", fontsize=7)
+    more = f", first {MAX_IMAGES} shown" if len(indices) > MAX_IMAGES else ""
+    fig.suptitle(
+        f"{pool.model}: {len(indices)} examples only the white-box attacks break\n(n={pool.n}{more})",
+        fontsize=9,
+    )
+    return fig
+
+
+def only_white_box_figures(pools: list[Pool]) -> dict[str, Figure]:
+    """Stem -> figure of the examples only the white-box attacks break, per model where images exist."""
+    out = {}
+    for model, pool, only_wb, _ in gap_examples(pools):
+        images = test_images(pool, only_wb[:MAX_IMAGES])
+        if images is not None:
+            out[f"{ONLY_WHITE_BOX}{model}"] = draw_only_white_box(pool, only_wb, images)
+    return out
+
+
+def draw_findings(pools: list[Pool], out_dir: Path) -> tuple[list[Path], dict[str, str]]:
+    """Every figure of the findings page, written as PNG and SVG into out_dir: (files, stem -> caption
+    of each figure drawn, for the page to link)."""
     written: list[Path] = []
+    captions = figure_names(pools)
+    for stem, fig in only_white_box_figures(pools).items():
+        written += save_figure(fig, out_dir / stem, FORMATS)
+        captions[stem] = f"{stem.removeprefix(ONLY_WHITE_BOX)}: the examples only the white-box attacks break"
     for stem in figure_names(pools):
         if stem == "findings-gap":
             fig = draw_gap(pools)
@@ -126,4 +200,4 @@ def draw_findings(pools: list[Pool], out_dir: Path) -> list[Path]:
             assert pool is not None
             fig = draw_dynamics(pool)
         written += save_figure(fig, out_dir / stem, FORMATS)
-    return written
+    return written, captions
