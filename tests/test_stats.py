@@ -169,3 +169,14 @@ def test_paired_difference_interval_covers_about_95_percent():
         low, high = paired_difference_interval(compare_paired(xs, ys))
         hits += low <= 0.10 <= high
     assert 0.92 <= hits / trials <= 0.98
+
+
+def test_paired_difference_interval_matches_a_published_value():
+    """Fagerland, Lydersen & Laake's R package contingencytables (tests/testthat/test-ch8.R):
+    Newcombe_square_and_add_CI_paired_2x2 on the paired table [[59, 6], [16, 80]] gives
+    estimate -0.0621, 95% CI -0.1186 to -0.0046."""
+    from bench.stats import PairedComparison, paired_difference_interval
+
+    cmp = PairedComparison(161, 59, 6, 16, 80, mcnemar_exact(6, 16))
+    low, high = paired_difference_interval(cmp)
+    assert (round(low, 4), round(high, 4)) == (-0.1186, -0.0046)
