@@ -241,6 +241,7 @@ class Finding:
             for k in ("key", "paper", "claim", "reported", "measured", "kind", "a_label", "b_label", "runs")
         }
         row["note"] = self.note
+        row["tests"] = self.tests
         if self.a is None or self.b is None:
             row.update(n=None, a=None, a_ci=None, b=None, b_ci=None, paired=None, verdict="no run")
             return row
@@ -311,7 +312,7 @@ def overestimate_findings(pools: list[Pool]) -> list[Finding]:
             "overestimate",
             NEURIPS,
             claim,
-            "not in the reference table (CIFAR-10 numbers there are white-box)",
+            "not in the reference table",
             f"{model}: ready-made All vs white-box All",
             a_label="ready-made All",
             b_label="white-box All",
@@ -414,7 +415,12 @@ def ris_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> list[Fi
     pair = best_pair([(r, b) for r in ris for b in base if same_arch(r, b) and _same_examples(r, b)])
     specs = [
         ("clean", "greater", "Random-state training raises clean accuracy", "clean"),
-        ("all", "not-worse", f"... and keeps robustness (All not worse by {MARGIN:g} points or more)", "all"),
+        (
+            "all",
+            "not-worse",
+            f"Random-state training keeps robustness (All not worse by {MARGIN:g} points or more)",
+            "all",
+        ),
     ]
     out = []
     for metric, kind, claim, ref_key in specs:
@@ -584,6 +590,37 @@ def _indices(indices: list[int]) -> str:
     return f"{len(indices)} (test-set indices {', '.join(map(str, indices))})"
 
 
+def scope(pools: list[Pool]) -> str:
+    """What the records measure, so nobody reads Fashion-MNIST numbers as CIFAR-10 ones."""
+    from bench.spec import format_eps
+
+    settings = sorted({f"{p.first.dataset} at eps {format_eps(p.first.eps)}" for p in pools})
+    models = sorted({p.model for p in pools})
+    return (
+        f"Scope: the records measure {', '.join(models) or 'no model'} on "
+        f"{', '.join(settings) or 'nothing'}; "
+        "the reported numbers are the papers' CIFAR-10 models at 8/255, so compare the direction of an "
+        "effect and its verdict, not the values."
+    )
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    """One finding in a sentence: the verdict first, then the evidence."""
+    from bench.report.exports import p_text
+
+    paired = r["paired"]
+    if paired is None:
+        return f"**no run**: {r['claim']} ({r['measured']}; {r['note'] or 'no pair of records answers it'})."
+    lo, hi = paired["diff_ci"]
+    adjusted = f" (Bonferroni x{r['tests']})" if r["tests"] > 1 else ""
+    return (
+        f"**{r['verdict']}**: {r['claim']}. {r['measured']}: {r['a_label']} {r['a']:.1f}% vs "
+        f"{r['b_label']} {r['b']:.1f}%, difference {paired['diff']:+.1f} points (95% CI {lo:+.1f} to "
+        f"{hi:+.1f}), {paired['only_a']} vs {paired['only_b']} discordant examples, McNemar p = "
+        f"{p_text(paired['p_value'])}{adjusted}, n = {paired['n']}."
+    )
+
+
 def render_markdown(runs: list[Run], figures: dict[str, str] | None = None) -> str:
     """The findings page: the claims table, the per-example gap, the figures, the reported reference rows."""
     from bench.report.exports import p_text
@@ -598,6 +635,14 @@ def render_markdown(runs: list[Run], figures: dict[str, str] | None = None) -> s
         "results/findings.md` (which also draws the figures under `results/plots/`); do not edit by hand.",
         "",
         RULES,
+        "",
+        scope(pools),
+        "",
+        "## In short",
+        "",
+        *(f"- {summary_line(r)}" for r in rows),
+        "",
+        "## Claims and measurements",
         "",
         "| Paper | Claim | Reported (CIFAR-10) | Measured | A | B | A − B [95% CI] | A only / B only "
         "| McNemar p | n | Verdict |",
