@@ -183,3 +183,15 @@ def test_the_examples_only_white_box_breaks_are_drawn_when_the_images_are_at_han
     assert (tmp_path / "plots" / "findings-only-white-box-deq-tiny.png").stat().st_size > 0
     assert "plots/findings-only-white-box-deq-tiny.svg" in out.read_text()
     assert "only the white-box attacks break 3 (test-set indices 1, 2, 3)" in out.read_text()
+
+
+def test_every_one_factor_pair_is_listed(records: Path) -> None:
+    from bench.report.findings import all_pairs, build_pools
+
+    pairs = all_pairs(build_pools(load_runs(records)))
+    assert {(p["kind"], p["a"], p["b"]) for p in pairs} == {
+        ("defense", "entropy-reduction", "none"),  # deq-defended vs deq: one checkpoint
+        ("random states", "deq-tiny-ris", "deq-tiny"),  # the CNN differs in more than one factor
+    }
+    defense = next(p for p in pairs if p["kind"] == "defense")
+    assert (defense["paired"]["only_a"], defense["paired"]["only_b"], defense["paired"]["n"]) == (9, 0, N)

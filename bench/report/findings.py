@@ -32,6 +32,7 @@ from bench.report.leaderboard import (
     Run,
     _pool_runs,
     base_dataset,
+    defense_name,
     merge_outcomes,
     paired_pct,
     reference_rows,
@@ -398,19 +399,72 @@ def readout_findings(pools: list[Pool], key: str, readouts: tuple[str, ...], cla
     return out
 
 
+def same_arch(a: Pool, b: Pool) -> bool:
+    """Same architecture and size, and the same training recipe but for the random states: only then is
+    the difference the random-state loss's (a DEQ trained with another gradient is not)."""
+    fa, fb = a.facts, b.facts
+    keys = ("architecture", "parameters")
+    same_recipe = all(a.first.recipe.get(k) == b.first.recipe.get(k) for k in ("method", "grad"))
+    return bool(fa) and bool(fb) and all(fa.get(k) == fb.get(k) for k in keys) and same_recipe
+
+
+def pair_kind(a: Pool, b: Pool) -> str | None:
+    """What differs between two pools on the same examples when exactly one factor does: 'defense',
+    'readout' (both on one checkpoint) or 'random states' (same architecture and recipe); else None."""
+    if not _same_examples(a, b):
+        return None
+    if a.sha == b.sha and a.readout == b.readout and a.defense != "none" and b.defense == "none":
+        return "defense"
+    if a.sha == b.sha and a.defense == b.defense and a.readout != "final" and b.readout == "final":
+        return "readout"
+    same_setting = a.defense == b.defense and a.readout == b.readout
+    if same_setting and a.random_state and not b.random_state and same_arch(a, b):
+        return "random states"
+    return None
+
+
+def all_pairs(pools: list[Pool]) -> list[dict[str, Any]]:
+    """Every pair of pools that differ in one factor on the same examples, All vs All with McNemar's
+    test: the comparisons the findings choose from, none left out."""
+    rows = []
+    for a in pools:
+        for b in pools:
+            kind = None if a is b else pair_kind(a, b)
+            if kind is None:
+                continue
+            side = {
+                "defense": lambda p: defense_name(p.defense),
+                "readout": lambda p: p.readout,
+                "random states": lambda p: p.model,
+            }[kind]
+            shared = {
+                "defense": f"{b.model}, readout {b.readout}",
+                "readout": f"{b.model}, defense {defense_name(b.defense)}",
+                "random states": f"defense {defense_name(b.defense)}, readout {b.readout}",
+            }[kind]
+            rows.append(
+                {
+                    "kind": kind,
+                    "shared": shared,
+                    "a": side(a),
+                    "b": side(b),
+                    "a_all": round(100.0 * float(a.robust().mean()), 6),
+                    "a_ci": wilson_pct(a.robust()),
+                    "b_all": round(100.0 * float(b.robust().mean()), 6),
+                    "b_ci": wilson_pct(b.robust()),
+                    "paired": paired_pct(a.robust(), b.robust()),
+                    "suites": f"{a.suite} / {b.suite}",
+                    "runs": list(dict.fromkeys(a.names + b.names)),
+                }
+            )
+    return sorted(rows, key=lambda r: (r["kind"], r["shared"], -r["paired"]["n"], r["a"], r["runs"]))
+
+
 def ris_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> list[Finding]:
     """ICML 2023: the loss from random intermediate states: clean accuracy up, robustness kept."""
     deqs = [p for ps in undefended_deqs(pools).values() for p in ps]
     ris = [p for p in deqs if p.random_state]
     base = [p for p in deqs if not p.random_state]
-
-    def same_arch(a: Pool, b: Pool) -> bool:
-        """Same architecture and size, and the same training recipe but for the random states: only
-        then is the difference the random-state loss's (a DEQ trained with another gradient is not)."""
-        fa, fb = a.facts, b.facts
-        keys = ("architecture", "parameters")
-        same_recipe = all(a.first.recipe.get(k) == b.first.recipe.get(k) for k in ("method", "grad"))
-        return bool(fa) and bool(fb) and all(fa.get(k) == fb.get(k) for k in keys) and same_recipe
 
     pair = best_pair([(r, b) for r in ris for b in base if same_arch(r, b) and _same_examples(r, b)])
     specs = [
@@ -665,6 +719,30 @@ def render_markdown(runs: list[Run], figures: dict[str, str] | None = None) -> s
             f"| {r['paper']} | {_md(r['claim'])} | {_md(r['reported'])} | {measured} | {a} | {b} | {diff} "
             f"| {counts} | {p} | {n} | **{r['verdict']}** |"
         )
+    lines += [
+        "",
+        "## Every paired comparison in the records",
+        "",
+        "Every pair of runs on the same examples that differ in one factor (the defense or the readout "
+        "on one checkpoint; random-state training on one architecture and recipe), All vs All; the "
+        "findings above use the largest of each.",
+        "",
+        "| Differs in | Shared | A | B | A All | B All | A − B [95% CI] | A only / B only | McNemar p | n "
+        "| Suites | Runs |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|---|---|",
+    ]
+    pairs = all_pairs(pools)
+    for r in pairs:
+        paired = r["paired"]
+        lo, hi = paired["diff_ci"]
+        lines.append(
+            f"| {r['kind']} | {_md(r['shared'])} | {_md(r['a'])} | {_md(r['b'])} | "
+            f"{_pct(r['a_all'], r['a_ci'])} | {_pct(r['b_all'], r['b_ci'])} | "
+            f"{paired['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {paired['only_a']} / {paired['only_b']} | "
+            f"{p_text(paired['p_value'])} | {paired['n']} | {_md(r['suites'])} | {', '.join(r['runs'])} |"
+        )
+    if not pairs:
+        lines.append("| – | no pair of runs on the same examples differs in one factor | | | | | | | | | | |")
     lines += ["", "## Per-example gap: which examples only the white-box attacks break", ""]
     gaps = gap_examples(pools)
     if not gaps:
