@@ -12,8 +12,11 @@ leaderboard's Outcomes), never read from a record's summary. Verdicts:
     inconclusive at this n   neither: the interval says which effects this n cannot exclude
     no run                   the records hold no pair of runs that answers the claim
 
-The findings are data: `findings()` returns them, the renderers format them, `write_findings` also draws
-the figures the page links to (bench.report.findings_page writes both).
+The early-exit / ensemble claims need a run that attacks that readout directly; the states finding uses
+the final readout's worst-case inputs (the states themselves unattacked, best state Bonferroni-adjusted).
+Below the claims the page lists every pair of runs on the same examples that differs in one factor
+(`all_pairs`). The findings are data: `findings()` returns them, the renderers format them, and
+bench.report.findings_page writes the page with the figures it links (bench.report.findings_plots).
 """
 
 from __future__ import annotations
