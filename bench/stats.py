@@ -113,3 +113,27 @@ def compare_paired(a: Iterable[Any], b: Iterable[Any]) -> PairedComparison:
     only_b = sum(y and not x for x, y in zip(xs, ys, strict=True))
     neither = len(xs) - both - only_a - only_b
     return PairedComparison(len(xs), both, only_a, only_b, neither, mcnemar_exact(only_a, only_b))
+
+
+def paired_difference_interval(cmp: PairedComparison, confidence: float = 0.95) -> tuple[float, float]:
+    """Interval (low, high) for acc_a - acc_b of two paired per-example results (Newcombe 1998, method 10).
+
+    The paired analogue of the Wilson interval: it combines the two Wilson intervals with the correlation
+    of the pairs, so it stays inside [-1, 1] and keeps its coverage at small n and near 0 or 1, where a
+    Wald interval for a difference collapses. It is what lets a report say which differences "this n"
+    excludes, beside McNemar's p-value.
+    """
+    n = cmp.n
+    a, b, c, d = cmp.both, cmp.only_a, cmp.only_b, cmp.neither
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson_interval(a + b, n, confidence)
+    l2, u2 = wilson_interval(a + c, n, confidence)
+    denominator = (a + b) * (c + d) * (a + c) * (b + d)
+    numerator = float(a * d - b * c)
+    if numerator > 0:  # Newcombe's continuity correction of the correlation, toward 0
+        numerator = max(numerator - n / 2, 0.0)
+    phi = numerator / math.sqrt(denominator) if denominator else 0.0
+    diff = p1 - p2
+    below = math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    above = math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return max(diff - below, -1.0), min(diff + above, 1.0)

@@ -29,4 +29,7 @@ $B leaderboard --format html --output results/leaderboard.html
 $B leaderboard --format json --output results/leaderboard.json
 $B leaderboard --format latex --output results/leaderboard.tex
 $B leaderboard --view gap --format md --output results/gap.md
+$B leaderboard --view runs --format md --output results/runs.md
+# the papers' claims beside the measurements; also draws results/plots/findings-*.{png,svg}, which it links
+$B leaderboard --view findings --format md --output results/findings.md
 $B plot --out results/plots

@@ -26,6 +26,7 @@ from bench.report.leaderboard import (
     load_run,
     load_runs,
     run_row,
+    runs_rows,
     warning_flags,
 )
 from bench.spec import format_eps
@@ -346,16 +347,20 @@ def test_dataset_filter_and_reference_switch(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["table", "md", "csv", "latex", "html", "json"])
-@pytest.mark.parametrize("view", ["main", "gap"])
+@pytest.mark.parametrize("view", ["main", "gap", "runs"])
 def test_every_format_renders_to_a_file(results: Path, fmt: str, view: str) -> None:
     out = results / "out" / f"board.{fmt}"
     leaderboard_command(results_dir=str(results), fmt=fmt, output=str(out), view=view)
     text = out.read_text()
     assert "deq-large" in text
     raw = fmt in ("csv", "json")  # raw numbers; the others print two decimals
-    expected = {"main": "40.0" if raw else "40.00", "gap": "10.0" if raw else "+10.00"}[view]  # All, gap
+    all_text = "40.0" if raw else "40.00"
+    expected = {"main": all_text, "runs": all_text, "gap": "10.0" if raw else "+10.00"}[view]  # All, gap
     assert expected in text
-    assert ("Yang et al. (2022)" in text) == (view == "main")  # reported rows only in the main view
+    if view == "runs":  # measured runs only (a JSON row still names its matching paper row)
+        assert fmt == "json" or "Yang et al. (2022)" not in text
+    else:
+        assert ("Yang et al. (2022)" in text) == (view == "main")  # reported rows only in the main view
 
 
 def test_piped_table_is_one_tsv_with_the_dataset(results: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -499,3 +504,47 @@ def test_command_options_parse_through_typer(results: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert [r["source"] for r in json.loads(out.read_text())] == ["measured"]
+
+
+def test_every_accuracy_has_its_wilson_interval(results: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.stats import wilson_interval
+
+    row = _measured(_rows(results))
+    low, high = wilson_interval(4, N)  # All: 4 of 10 robust
+    assert row["all_ci"] == [pytest.approx(100 * low), pytest.approx(100 * high)]
+    assert row["protocols"]["white-box"]["all_ci"] == pytest.approx([100 * b for b in wilson_interval(5, N)])
+    assert next(r for r in _rows(results) if r["source"] == REPORTED)["all_ci"] is None  # papers give no n
+    leaderboard_command(results_dir=str(results), fmt="md")
+    out = capsys.readouterr().out
+    assert "All 95% CI" in out and f"[{100 * low:.1f}, {100 * high:.1f}]" in out and "| Suite |" in out
+
+
+def test_gap_view_pairs_the_protocols_per_example(results: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.stats import mcnemar_exact
+
+    (gap,) = exports.records(gap_rows(leaderboard_rows(load_runs(results))))
+    # ready-made robust {1,3,4,5,6,7}, white-box robust {2,4,5,6,7}: white-box alone breaks 1 and 3,
+    # ready-made alone breaks 2
+    assert (gap["only_white_box"], gap["only_ready_made"]) == (2, 1)
+    assert gap["p_value"] == mcnemar_exact(2, 1) and gap["gap_ci"][0] < 10.0 < gap["gap_ci"][1]
+    leaderboard_command(results_dir=str(results), fmt="md", view="gap")
+    out = capsys.readouterr().out
+    assert "McNemar p" in out and "Only white-box breaks" in out and "| 1.000 |" in out
+
+
+def test_runs_view_lists_every_run_not_only_the_largest(tmp_path: Path) -> None:
+    make_record(tmp_path, "big", checkpoint_sha256="a" * 64)
+    small = [_col("white-box", "pgd", "pgd", "exact", _mask(0, n=5))]
+    make_record(
+        tmp_path, "small", checkpoint_sha256="b" * 64, labels=LABELS[:5], clean=CLEAN[:5], attacks=small,
+        suite="quick",
+    )  # fmt: skip
+    assert len([r for r in _rows(tmp_path) if r["source"] == "measured"]) == 1  # main: the largest
+    runs = exports.records(runs_rows(load_runs(tmp_path)))
+    assert {(r["run"], r["suite"], r["n_examples"]) for r in runs} == {
+        ("big.json", "full", 10),
+        ("small.json", "quick", 5),
+    }
+    out = tmp_path / "runs.md"
+    leaderboard_command(results_dir=str(tmp_path), fmt="md", view="runs", output=str(out))
+    assert "small.json" in out.read_text() and "big.json" in out.read_text()

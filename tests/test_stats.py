@@ -129,3 +129,54 @@ def test_against_scipy_when_installed():
         assert wilson_interval(k, n, 0.9) == pytest.approx((ci.low, ci.high), rel=1e-12, abs=1e-15)
     for b, c in [(1, 2), (5, 15), (30, 31), (250, 200)]:
         assert mcnemar_exact(b, c) == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-10)
+
+
+def test_paired_difference_interval_contains_the_difference_and_stays_in_bounds():
+    from bench.stats import PairedComparison, paired_difference_interval
+
+    for both, only_a, only_b, neither in [
+        (50, 10, 2, 38),
+        (0, 0, 0, 10),
+        (10, 0, 0, 0),
+        (0, 10, 0, 0),
+        (3, 1, 4, 2),
+    ]:
+        n = both + only_a + only_b + neither
+        cmp = PairedComparison(n, both, only_a, only_b, neither, mcnemar_exact(only_a, only_b))
+        low, high = paired_difference_interval(cmp)
+        diff = (only_a - only_b) / n
+        assert -1.0 <= low <= diff <= high <= 1.0
+    # swapping a and b mirrors the interval
+    cmp = PairedComparison(100, 50, 10, 2, 38, 0.0)
+    swapped = PairedComparison(100, 50, 2, 10, 38, 0.0)
+    low, high = paired_difference_interval(cmp)
+    assert paired_difference_interval(swapped) == (pytest.approx(-high), pytest.approx(-low))
+
+
+def test_paired_difference_interval_covers_about_95_percent():
+    """Simulated paired tables at n = 60: Newcombe's interval keeps close to its nominal coverage."""
+    import random
+
+    from bench.stats import paired_difference_interval
+
+    rng = random.Random(0)
+    probs = (0.5, 0.15, 0.05, 0.3)  # both, only a, only b, neither: true difference 0.10
+    hits, trials = 0, 2000
+    for _ in range(trials):
+        a = [rng.random() for _ in range(60)]
+        xs = [u < probs[0] + probs[1] for u in a]
+        ys = [u < probs[0] or probs[0] + probs[1] <= u < probs[0] + probs[1] + probs[2] for u in a]
+        low, high = paired_difference_interval(compare_paired(xs, ys))
+        hits += low <= 0.10 <= high
+    assert 0.92 <= hits / trials <= 0.98
+
+
+def test_paired_difference_interval_matches_a_published_value():
+    """Fagerland, Lydersen & Laake's R package contingencytables (tests/testthat/test-ch8.R):
+    Newcombe_square_and_add_CI_paired_2x2 on the paired table [[59, 6], [16, 80]] gives
+    estimate -0.0621, 95% CI -0.1186 to -0.0046."""
+    from bench.stats import PairedComparison, paired_difference_interval
+
+    cmp = PairedComparison(161, 59, 6, 16, 80, mcnemar_exact(6, 16))
+    low, high = paired_difference_interval(cmp)
+    assert (round(low, 4), round(high, 4)) == (-0.1186, -0.0046)

@@ -15,9 +15,13 @@ def leaderboard_command(
         str, typer.Option("--format", help="table | md | csv | latex | html | json | robustbench")
     ] = "table",
     output: Annotated[str | None, typer.Option(help="Write to this file instead of stdout.")] = None,
-    view: Annotated[str, typer.Option(help="main (Clean/PGD/AA/All) | gap (ready-made vs white-box).")] = (
-        "main"
-    ),
+    view: Annotated[
+        str,
+        typer.Option(
+            help="main (Clean/PGD/AA/All) | gap (ready-made vs white-box) | runs (every run) | findings "
+            "(the papers' claims vs the records; with --output also draws its figures beside it)."
+        ),
+    ] = "main",
     run: Annotated[
         str | None, typer.Option(help="Use this one run record instead of the results directory.")
     ] = None,
@@ -28,10 +32,16 @@ def leaderboard_command(
         bool, typer.Option(help="Show the papers' reported rows beside the measured ones.")
     ] = True,
 ) -> None:
-    """Leaderboard from per-example records: Clean | PGD | AA | All per model, method, defense, readout."""
+    """Leaderboard from per-example records with 95% intervals: main, gap, runs, or the papers' findings."""
     from bench.io import atomic_write_text
     from bench.report.leaderboard import render_leaderboard
 
+    if view == "findings":
+        from bench.report.findings_page import findings_view
+
+        for line in findings_view(results_dir, run, dataset, "md" if fmt == "table" else fmt, output):
+            print(line, end="" if line.endswith("\n") else "\n")
+        return
     text = render_leaderboard(
         results_dir, dataset, fmt, view, run, readout, reference, to_terminal=output is None
     )

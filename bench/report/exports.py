@@ -30,11 +30,11 @@ FORMATS = ("table", "md", "csv", "latex", "html", "json", "robustbench")
 class Column:
     key: str
     header: str
-    kind: str = "text"  # text | pct | delta | int | flags
+    kind: str = "text"  # text | pct | delta | int | ci | p | flags
 
     @property
     def numeric(self) -> bool:
-        return self.kind in ("pct", "delta", "int")
+        return self.kind in ("pct", "delta", "int", "ci", "p")
 
 
 MAIN_COLUMNS = (
@@ -48,12 +48,24 @@ MAIN_COLUMNS = (
     Column("all", "All", "pct"),
     Column("delta_clean", "Δ Clean", "delta"),
     Column("delta_all", "Δ All", "delta"),
+    Column("clean_ci", "Clean 95% CI", "ci"),
+    Column("all_ci", "All 95% CI", "ci"),
     Column("n_examples", "n", "int"),
     Column("eps_text", "eps"),
+    Column("suite", "Suite"),
     Column("deploy", "Deploy"),
     Column("estimator", "Estimator"),
     Column("source", "Source"),
     Column("flags", "Flags", "flags"),
+)
+_MAIN = {c.key: c for c in MAIN_COLUMNS}
+RUNS_COLUMNS = (
+    Column("run", "Run"),
+    *(_MAIN[k] for k in ("model", "method", "defense", "readout", "suite", "clean", "clean_ci")),
+    *(_MAIN[k] for k in ("pgd", "aa", "all", "all_ci")),
+    Column("ready_made", "Ready-made All", "pct"),
+    Column("white_box", "White-box All", "pct"),
+    *(_MAIN[k] for k in ("n_examples", "eps_text", "deploy", "estimator", "flags")),
 )
 GAP_COLUMNS = (
     Column("model", "Model"),
@@ -62,16 +74,36 @@ GAP_COLUMNS = (
     Column("readout", "Readout"),
     Column("clean", "Clean", "pct"),
     Column("ready_made", "Ready-made All", "pct"),
+    Column("ready_made_ci", "Ready-made 95% CI", "ci"),
     Column("white_box", "White-box All", "pct"),
+    Column("white_box_ci", "White-box 95% CI", "ci"),
     Column("gap", "Gap", "delta"),
+    Column("gap_ci", "Gap 95% CI", "ci"),
+    Column("only_white_box", "Only white-box breaks", "int"),
+    Column("only_ready_made", "Only ready-made breaks", "int"),
+    Column("p_value", "McNemar p", "p"),
     Column("n_examples", "n", "int"),
     Column("eps_text", "eps"),
+    Column("suite", "Suite"),
     Column("deploy", "Deploy"),
     Column("estimator", "White-box estimator"),
     Column("flags", "Flags", "flags"),
 )
 LATEX_MAIN = ("model", "method", "defense", "readout", "clean", "pgd", "aa", "all", "delta_all", "n_examples")
-LATEX_GAP = ("model", "method", "defense", "readout", "clean", "ready_made", "white_box", "gap", "n_examples")
+LATEX_GAP = (
+    "model",
+    "method",
+    "defense",
+    "readout",
+    "clean",
+    "ready_made",
+    "white_box",
+    "gap",
+    "gap_ci",
+    "p_value",
+    "n_examples",
+)
+LATEX_RUNS = ("run", "model", "defense", "readout", "suite", "clean", "all", "all_ci", "n_examples")
 CSV_EXTRA = ("unreliable", "estimators", "suite", "batching", "runs", "citation")
 
 DEFINITIONS = (
@@ -79,17 +111,37 @@ DEFINITIONS = (
     "PGD / AA: robust under every PGD / AutoAttack run of every protocol and gradient estimator. "
     "All: robust under every attack run (per-example worst case). "
     "Δ: measured minus the paper's reported number for the same setting. Deploy: the DEQ's deployed "
-    "prediction (fz = f(z*); unroll:K:lam = f(z*) then K damped steps)."
+    "prediction (fz = f(z*); unroll:K:lam = f(z*) then K damped steps). 95% CI: Wilson score interval "
+    "over the n examples. One row per setting: the largest run (or merged runs on the same examples); "
+    "--view runs lists every run. Paired per-example tests (McNemar): --view gap (ready-made vs white-box) "
+    "and --view findings (defended vs undefended, random states vs not, DEQ vs CNN)."
+)
+RUNS_DEFINITIONS = (
+    "Every run record and readout on its own row (no merging), in percent, with 95% Wilson intervals. "
+    "Ready-made / White-box All: robust under every attack of that protocol alone."
 )
 GAP_DEFINITIONS = (
     "Robust accuracy (All) under each protocol alone, in percent. Ready-made: the attacks with the "
     "model's own gradient at the final state. White-box: the estimators chosen by the development-set "
-    "sweep. Gap = ready-made minus white-box: how much the ready-made evaluation overestimates robustness."
+    "sweep. Gap = ready-made minus white-box: how much the ready-made evaluation overestimates robustness. "
+    "Both protocols ran on the same examples, so the gap is tested per example: 'only white-box breaks' "
+    "counts the examples robust to every ready-made attack that a white-box attack breaks, and McNemar's "
+    "exact p-value says whether the two protocols differ; intervals are 95% (Wilson, Newcombe's paired "
+    "interval for the gap)."
 )
 
 
 def columns_for(view: str) -> tuple[Column, ...]:
-    return GAP_COLUMNS if view == "gap" else MAIN_COLUMNS
+    return {"gap": GAP_COLUMNS, "runs": RUNS_COLUMNS}.get(view, MAIN_COLUMNS)
+
+
+def note_for(view: str) -> str:
+    return {"gap": GAP_DEFINITIONS, "runs": RUNS_DEFINITIONS}.get(view, DEFINITIONS)
+
+
+def p_text(p: float) -> str:
+    """A p-value people can read: three significant decimals, '<0.001' below that."""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _missing(value: Any) -> bool:
@@ -104,6 +156,11 @@ def cell(value: Any, kind: str, dash: str = "–") -> str:
         return dash if kind != "text" else ""
     if kind == "pct":
         return f"{float(value):.2f}"
+    if kind == "ci":
+        low, high = value
+        return f"[{float(low):.1f}, {float(high):.1f}]"
+    if kind == "p":
+        return p_text(float(value))
     if kind == "delta":
         return f"{float(value):+.2f}"
     if kind == "int":
@@ -188,8 +245,7 @@ def _md_escape(text: str) -> str:
 
 def render_markdown(table: pd.DataFrame, view: str) -> str:
     cols = columns_for(view)
-    note = GAP_DEFINITIONS if view == "gap" else DEFINITIONS
-    parts = [f"{note}\n"]
+    parts = [f"{note_for(view)}\n"]
     for dataset, rows in _by_dataset(table):
         lines = [
             f"## {_md_escape(_title(dataset, rows))}",
@@ -264,10 +320,10 @@ def _latex_cell(row: dict[str, Any], col: Column) -> str:
 
 def render_latex(table: pd.DataFrame, view: str) -> str:
     """booktabs tables, one table float per data set; reported rows in italics."""
-    keys = LATEX_GAP if view == "gap" else LATEX_MAIN
+    keys = {"gap": LATEX_GAP, "runs": LATEX_RUNS}.get(view, LATEX_MAIN)
     by_key = {c.key: c for c in columns_for(view)}
     cols = [by_key[k] for k in keys]
-    note = GAP_DEFINITIONS if view == "gap" else DEFINITIONS
+    note = note_for(view)
     parts = ["% deq-bench leaderboard; needs \\usepackage{booktabs}\n"]
     for dataset, rows in _by_dataset(table):
         align = "".join("r" if c.numeric else "l" for c in cols)
@@ -342,7 +398,7 @@ def render_html(table: pd.DataFrame, view: str) -> str:
     )
     return env.get_template("leaderboard.html.j2").render(
         view=view,
-        note=GAP_DEFINITIONS if view == "gap" else DEFINITIONS,
+        note=note_for(view),
         columns=cols,
         tables=tables,
         citations=list(dict.fromkeys(citations)),

@@ -14,6 +14,11 @@ any of them broke it); otherwise the run (or merged pool) with the most examples
 the newest file. Reference rows from bench/reference/paper_results.csv are marked "reported", and a
 measured row that matches one (data set, eps, architecture name, defense, random-state training; readout
 "final") carries the difference measured - reported.
+
+Uncertainty: every accuracy carries its 95 % Wilson interval (`<key>_ci`); ready-made vs white-box on the
+same examples is compared per example (`paired`: McNemar's exact p-value, the discordant counts and
+Newcombe's interval for the gap). Views: main (one row per setting), gap (the two protocols side by side),
+runs (every run and readout, nothing merged or dropped); findings lives in bench.report.findings.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 REFERENCE_CSV = PACKAGE_DIR / "reference" / "paper_results.csv"
-VIEWS = ("main", "gap")
+VIEWS = ("main", "gap", "runs", "findings")
 LEVELS = ("protocol", "group", "attack", "estimator")
 
 
@@ -337,22 +342,59 @@ def _round(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(value, 6)
 
 
+def wilson_pct(mask: pd.Series) -> list[float] | None:
+    """95 % Wilson interval of a per-example boolean column, in percent: what n examples can resolve."""
+    from bench.stats import wilson_interval
+
+    if len(mask) == 0:
+        return None
+    low, high = wilson_interval(int(mask.sum()), len(mask))
+    return [round(100.0 * low, 6), round(100.0 * high, 6)]
+
+
+def paired_pct(a: pd.Series, b: pd.Series) -> dict[str, Any]:
+    """McNemar's exact test and Newcombe's interval for acc(a) - acc(b) on the same examples (percent).
+
+    only_a / only_b count the discordant examples (right under a only / under b only): the evidence.
+    """
+    from bench.stats import compare_paired, paired_difference_interval
+
+    if not a.index.equals(b.index):
+        raise BenchError("a paired comparison needs the same examples on both sides")
+    cmp = compare_paired([bool(v) for v in a], [bool(v) for v in b])
+    low, high = paired_difference_interval(cmp)
+    return {
+        "n": cmp.n,
+        "diff": _round(100.0 * (cmp.only_a - cmp.only_b) / cmp.n),
+        "diff_ci": [_round(100.0 * low), _round(100.0 * high)],
+        "only_a": cmp.only_a,
+        "only_b": cmp.only_b,
+        "p_value": cmp.p_value,
+    }
+
+
 def row_numbers(out: Outcomes) -> dict[str, Any]:
-    """Clean/PGD/AA/All and per-protocol numbers of one row, in percent, from per-example outcomes."""
-    nums: dict[str, Any] = {"clean": out.pct(out.clean), "all": out.pct(out.robust())}
+    """Clean/PGD/AA/All and per-protocol numbers of one row, in percent, from per-example outcomes, each
+    with its 95 % Wilson interval (`<key>_ci`); ready-made vs white-box paired by McNemar (`paired`)."""
+    masks: dict[str, Any] = {"clean": out.clean, "all": out.robust()}
     for group in ("pgd", "aa"):
-        robust = out.robust(group=group)
-        nums[group] = None if robust is None else out.pct(robust)
-    nums = {k: _round(v) for k, v in nums.items()}
+        masks[group] = out.robust(group=group)
+    nums: dict[str, Any] = {k: None if m is None else _round(out.pct(m)) for k, m in masks.items()}
+    nums.update({f"{k}_ci": None if m is None else wilson_pct(m) for k, m in masks.items()})
     cols = out.broken.columns
     protocols: dict[str, Any] = {}
     for protocol in dict.fromkeys(cols.get_level_values("protocol")):
         groups = dict.fromkeys(cols.get_level_values("group")[cols.get_level_values("protocol") == protocol])
+        robust = out.robust(protocol=protocol)
         protocols[protocol] = {
-            "all": _round(out.pct(out.robust(protocol=protocol))),
+            "all": _round(out.pct(robust)),
+            "all_ci": wilson_pct(robust),
             "groups": {g: _round(out.pct(out.robust(protocol=protocol, group=g))) for g in groups},
         }
     nums["protocols"] = protocols
+    nums["paired"] = None
+    if "ready-made" in protocols and "white-box" in protocols:
+        nums["paired"] = paired_pct(out.robust(protocol="ready-made"), out.robust(protocol="white-box"))
     return nums
 
 
@@ -464,7 +506,9 @@ def reference_rows(path: str | Path = REFERENCE_CSV) -> list[dict[str, Any]]:
                 "pgd": number(rec["pgd"]),
                 "aa": number(rec["aa"]),
                 "all": number(rec["all"]),
+                **{f"{k}_ci": None for k in ("clean", "pgd", "aa", "all")},  # the papers give no n
                 "protocols": {},
+                "paired": None,
                 "n_examples": None,
                 "eps": eps,
                 "eps_text": format_eps(eps),
@@ -571,19 +615,50 @@ def gap_rows(main: pd.DataFrame) -> pd.DataFrame:
         protos = row["protocols"]
         rm = protos.get("ready-made", {}).get("all")
         wb = protos.get("white-box", {}).get("all")
+        paired = row.get("paired") if isinstance(row.get("paired"), dict) else None
         rows.append(
             {
                 **{k: row[k] for k in ("dataset", "model", "method", "defense", "readout", "n_examples")},
                 **{k: row[k] for k in ("eps", "eps_text", "clean", "estimator", "flags", "source")},
-                **{k: row.get(k, "") for k in ("deploy", "batching")},
+                **{k: row.get(k, "") for k in ("deploy", "batching", "suite", "runs")},
                 "ready_made": rm,
+                "ready_made_ci": protos.get("ready-made", {}).get("all_ci"),
                 "white_box": wb,
+                "white_box_ci": protos.get("white-box", {}).get("all_ci"),
                 "gap": None if rm is None or wb is None else _round(rm - wb),
+                # the same examples under both protocols: McNemar on who breaks which example
+                "gap_ci": None if paired is None else paired["diff_ci"],
+                "only_white_box": None if paired is None else paired["only_a"],
+                "only_ready_made": None if paired is None else paired["only_b"],
+                "p_value": None if paired is None else paired["p_value"],
                 "protocols": protos,
             }
         )
     if not rows:
         raise BenchError("the gap view needs measured runs; none match")
+    return pd.DataFrame(rows, dtype=object)
+
+
+def runs_rows(
+    runs: list[Run], dataset: str | None = None, reference_path: Path = REFERENCE_CSV
+) -> pd.DataFrame:
+    """Every run and readout on its own row (no merging, no choice of the largest): every protocol shows."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        if dataset is not None and run.dataset != base_dataset(dataset):
+            continue
+        for readout in run.readouts:
+            row = measured_row([run], readout)
+            row["run"] = run.path.name
+            for key, protocol in (("ready_made", "ready-made"), ("white_box", "white-box")):
+                row[key] = row["protocols"].get(protocol, {}).get("all")
+            rows.append(row)
+    if not rows:
+        raise BenchError(f"no runs for data set {dataset!r}" if dataset else "no runs")
+    attach_deltas(rows, reference_rows(reference_path))
+    rows.sort(key=lambda r: (r["dataset"], arch_key(r["model"]), r["defense"], r["readout"], r["run"]))
     return pd.DataFrame(rows, dtype=object)
 
 
@@ -618,7 +693,9 @@ def render_leaderboard(
             raise BenchError("--format robustbench exports one run: pass --run FILE")
         return exports.model_info_json(run_row(load_run(run), readout))
     runs = [load_run(run)] if run is not None else load_runs(results_dir)
-    table = leaderboard_rows(runs, dataset, reference)
+    if view == "findings":  # its own page, above this module (bench.report.findings_page)
+        raise BenchError("the findings view is rendered by bench.report.findings_page.findings_view")
+    table = runs_rows(runs, dataset) if view == "runs" else leaderboard_rows(runs, dataset, reference)
     if view == "gap":
         table = gap_rows(table)
     if fmt == "table" and to_terminal:
