@@ -324,6 +324,16 @@ def test_corrupt_record_is_one_error_line_for_every_reader(runs, tmp_path, damag
     assert_error(cli("check", "--read", str(path), "--write-baseline", str(tmp_path / "b.json")), path.name)
 
 
+def test_a_damaged_finished_record_is_not_reused(runs, tmp_path):
+    path = _record_copy(runs, tmp_path, RECORD_DAMAGE["broken as nulls"])
+    with pytest.raises(
+        BenchError, match=r"is malformed: field results\.columns\.attacks\[1\]\.broken.*--force"
+    ):
+        evaluate(path.parent)
+    doc, _, reused = evaluate(path.parent, force=True)
+    assert not reused and doc["results"] == runs["doc"]["results"]
+
+
 def test_leaderboard_says_which_files_it_skipped(runs, tmp_path):
     path = _record_copy(runs, tmp_path)
     (path.parent / "notes.json").write_text('{"not": "a record"}')
@@ -391,6 +401,8 @@ def test_results_dir_that_is_a_file_is_one_error_line(micro, tmp_path):
     results.write_text("not a folder")
     args = ["evaluate", "--model", "cnn-micro", "--n-examples", "4", "--results-dir", str(results)]
     assert_error(cli(*args), str(results))
+    for command in ("leaderboard", "plot", "merge"):
+        assert_error(cli(command, "--results-dir", str(results)), str(results), "is not a directory")
 
 
 @pytest.mark.parametrize(

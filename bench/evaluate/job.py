@@ -74,8 +74,13 @@ def _run(
     run_id = store.run_id
     if options.force:
         store.clear()
-    elif (done := store.finished()) is not None:
-        return done, store.final_path, True
+    else:
+        try:
+            done = store.finished()
+        except BenchError as exc:  # a damaged finished record is never reused silently
+            raise BenchError(f"{exc}; --force recomputes the run") from None
+        if done is not None:
+            return done, store.final_path, True
 
     t_start = time.time()
     batches = batch_plan(len(setup.data), spec.batch_size)  # fixed by the spec, whatever the processes

@@ -299,7 +299,8 @@ def merge_run(results_dir: str | Path, run_id: str | None = None) -> tuple[dict[
     started = time.time()
     root = Path(results_dir)
     if not root.is_dir():
-        raise BenchError(f"results directory {root} does not exist")
+        state = "is not a directory" if root.exists() else "does not exist"
+        raise BenchError(f"results directory {root} {state}")
     run_id = _pick_run(root, run_id)
     partial = root / ".partial" / run_id
     manifest = _load_manifest(partial)

@@ -51,7 +51,8 @@ def iter_records(results_dir: str | Path) -> Iterable[tuple[Path, dict[str, Any]
     validation is an error (a report without it would silently differ)."""
     root = Path(results_dir)
     if not root.is_dir():
-        raise BenchError(f"results directory {root} does not exist")
+        state = "is not a directory" if root.exists() else "does not exist"
+        raise BenchError(f"results directory {root} {state}")
     for path in sorted(root.glob("*.json")):
         try:
             doc = read_record(path)
