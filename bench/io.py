@@ -13,6 +13,11 @@ from typing import Any
 from bench.errors import BenchError
 
 
+class WriteFailed(BenchError, OSError):
+    """A write that failed on the user's path: a BenchError for the CLI (one line, exit 2) and still an
+    OSError for callers that handle those."""
+
+
 def os_error_message(exc: OSError, path: str | os.PathLike[str] | None = None, action: str = "write") -> str:
     """One line for a failed file operation: what, where, and the system's reason (naming the file it
     concerns when that is another one, e.g. a parent that is not a directory)."""
@@ -36,12 +41,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to a temp file in the same directory, fsync it, then rename it over `path`."""
     path = Path(path)
     if path.is_dir():
-        raise BenchError(f"cannot write {path}: it is a directory")
+        raise WriteFailed(f"cannot write {path}: it is a directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise BenchError(os_error_message(exc, path)) from None
+        raise WriteFailed(os_error_message(exc, path)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -51,7 +56,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise BenchError(os_error_message(exc, path)) from None
+        raise WriteFailed(os_error_message(exc, path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
