@@ -31,8 +31,8 @@ from bench.records.validate import (
     check_early_state,
     check_manifest,
     check_run_id,
-    check_same_shape,
     check_sweep,
+    odd_shapes,
 )
 
 MANIFEST = "run"
@@ -166,18 +166,17 @@ def assemble(
             return None
         if b == 0:
             first_sanity = stage.get("sanity") or {}
-        else:
-            try:
-                check_same_shape(parts[0], stage["columns"], store.stage_path(batch_stage(b)))
-            except Malformed as exc:
-                target = set_aside(store.stage_path(batch_stage(b)))
-                raise BenchError(
-                    f"{exc}; moved aside to {target.name}: re-run the same command to recompute it"
-                ) from None
         parts.append(stage["columns"])
         add_timings(seconds, stage["timings"])
         warnings += stage["warnings"]
 
+    paths = [store.stage_path(batch_stage(b)) for b in range(n_batches)]
+    if odd := odd_shapes(parts, paths):  # e.g. a column's field deleted by hand in one batch
+        moved = ", ".join(f"{p.name} (moved aside to {set_aside(p).name})" for p in odd)
+        raise BenchError(
+            f"batch file(s) {moved} are malformed: field columns: their fields or attack columns differ "
+            "from the other batches'; re-run the same command to recompute them"
+        )
     columns = merge_batches(parts)
     warnings = unique_warnings(warnings)
     sessions = _sessions(store)

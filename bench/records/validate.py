@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
-from bench.records.schema import SCHEMA_VERSION
+from bench.records.schema import COLUMN_KEYS, SCHEMA_VERSION
 
 RUN_ID_LENGTH = 16
 _RUN_ID = re.compile(rf"[0-9a-f]{{{RUN_ID_LENGTH}}}")
 # registry names with ':' and '/' replaced by '_' (bench.evaluate.setup.Setup.run_name)
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")
-_COLUMN_KEYS = ("protocol", "group", "attack", "estimator", "readout")
 
 
 class Malformed(BenchError):
@@ -188,7 +188,7 @@ def check_columns(
     for i, col in enumerate(attacks):
         where = f"{field}.attacks[{i}]"
         c.dict(col, where)
-        for k in _COLUMN_KEYS:
+        for k in COLUMN_KEYS:
             c.str(c.key(col, k, where), f"{where}.{k}")
         if col["readout"] not in readouts:
             raise c.fail(f"{where}.readout", f"{col['readout']!r} is not one of the plan's readouts")
@@ -214,7 +214,7 @@ def _check_warnings(c: _Checker, warnings: Any, field: str) -> None:
 def _check_timings(c: _Checker, timings: Any, field: str) -> None:
     for i, t in enumerate(c.list(timings, field)):
         c.dict(t, f"{field}[{i}]")
-        for k in _COLUMN_KEYS:
+        for k in COLUMN_KEYS:
             c.str(c.key(t, k, f"{field}[{i}]"), f"{field}[{i}].{k}")
         c.number(c.key(t, "seconds", f"{field}[{i}]"), f"{field}[{i}].seconds")
 
@@ -350,20 +350,26 @@ def column_shape(tree: Any) -> Any:
     identity): every batch of a run has the same shape, so batches concatenate field by field."""
     if isinstance(tree, dict):
         return {k: column_shape(v) for k, v in sorted(tree.items()) if k != "attacks"} | (
-            {"attacks": [tuple(col.get(k) for k in _COLUMN_KEYS) for col in tree["attacks"]]}
+            {"attacks": [(*(col.get(k) for k in COLUMN_KEYS), *sorted(col)) for col in tree["attacks"]]}
             if isinstance(tree.get("attacks"), list)
             else {}
         )
     return "list" if isinstance(tree, list) else type(tree).__name__
 
 
-def check_same_shape(first: Any, other: Any, path: str | Path) -> None:
-    """Batch `other` (at `path`) has the shape of the run's first batch."""
-    if column_shape(first) != column_shape(other):
-        raise Malformed(
-            f"batch file {path} is malformed: field columns: its fields or attack columns differ "
-            "from the run's first batch"
+def odd_shapes(columns: list[Any], paths: list[Path]) -> list[Path]:
+    """The batch files whose column shape differs from the one most batches share (none when they all
+    agree). BenchError when no shape has a strict majority: then no file can be blamed."""
+    shapes = [repr(column_shape(c)) for c in columns]
+    common, count = Counter(shapes).most_common(1)[0]
+    if count == len(shapes):
+        return []
+    if 2 * count <= len(shapes):
+        raise BenchError(
+            f"the batch files of {paths[0].parent} disagree in their fields or attack columns and no "
+            "version has a majority: delete that folder and re-run the same command"
         )
+    return [p for p, s in zip(paths, shapes, strict=True) if s != common]
 
 
 def check_manifest(manifest: Any, path: str | Path) -> dict[str, Any]:
