@@ -1,6 +1,24 @@
-"""`python -m bench` runs the CLI (also what torchrun launches)."""
+"""`python -m bench` and the `bench` console script (also what torchrun launches).
 
-from bench.cli import main
+The stop signals are routed before anything heavy is imported, so Ctrl-C during start-up is the same clean
+`error: interrupted` as Ctrl-C during a run (bench/interrupts.py)."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import interrupts
+
+
+def main() -> None:
+    interrupts.install()
+    try:
+        from bench.cli import main as cli_main
+    except (interrupts.Interrupted, KeyboardInterrupt) as exc:
+        print(f"error: {interrupts.MESSAGE}", file=sys.stderr)
+        sys.exit(exc.exit_code if isinstance(exc, interrupts.Interrupted) else 130)
+    cli_main()
+
 
 if __name__ == "__main__":
     main()

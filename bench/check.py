@@ -10,11 +10,14 @@ The default tolerance is the sampling noise of n examples: two binomial standard
 accuracy p, 2 * sqrt(p (1 - p) / n) * 100 points, and never less than one example (100 / n points). On the
 same machine and code a re-run reproduces the numbers exactly (seeds are per example); the tolerance is room
 for a retrained checkpoint or other hardware, not for a weaker attack.
+
+The measured numbers are recomputed from the record's per-example columns (as the leaderboard does), never
+taken from its stored summary, and both the record and the baseline are validated field by field
+(bench.records.validate): a corrupt file is bad input (exit 2), never a pass.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +25,9 @@ from typing import Any
 
 from bench.errors import BenchError
 from bench.io import atomic_write_json
-from bench.records.read import read_record
+from bench.records.assemble import summarize
+from bench.records.read import read_json, read_record
+from bench.records.validate import check_baseline
 from bench.spec import RunOptions, RunSpec
 
 KIND = "deq-bench expected results"
@@ -65,6 +70,19 @@ class Row:
         return "ok"
 
 
+def measured_metrics(doc: dict[str, Any]) -> dict[str, float]:
+    """A validated record's metrics recomputed from its per-example columns (the stored summary is not
+    trusted: a hand-edited summary must not pass the gate)."""
+    return metrics_of(summarize(doc["results"]["columns"], doc["spec"]["plan"]))
+
+
+def check_tolerance(tolerance: float | None) -> float | None:
+    """--tolerance: finite and non-negative (nan would pass everything)."""
+    if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
+        raise BenchError(f"--tolerance must be a finite number of points, at least 0; got {tolerance}")
+    return tolerance
+
+
 def metrics_of(summary: dict[str, Any]) -> dict[str, float]:
     """Metric name -> percent: readout/clean, readout/protocol/group, readout/protocol/All, readout/All."""
     out: dict[str, float] = {}
@@ -84,6 +102,16 @@ def default_tolerance(expected_pct: float, n: int) -> float:
     return max(200.0 * math.sqrt(p * (1.0 - p) / n), 100.0 / n)
 
 
+def _spec_from(values: Any, where: str) -> RunSpec:
+    """A stored run request as a RunSpec; a damaged one is bad input naming where it came from."""
+    try:
+        return RunSpec.from_dict(values)
+    except BenchError as exc:
+        raise BenchError(f"{where} is not a valid run specification: {exc}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise BenchError(f"{where} is not a valid run specification: {exc}") from None
+
+
 def evaluation_of(doc: dict[str, Any]) -> RunSpec:
     """The run a record evaluated, as its stored request (what `bench evaluate` was asked)."""
     spec = doc["spec"]
@@ -94,7 +122,7 @@ def evaluation_of(doc: dict[str, Any]) -> RunSpec:
         raise BenchError(
             "the record stores no run request (written by deq-bench < 0.3): re-run it with this version"
         )
-    spec = RunSpec.from_dict(request)
+    spec = _spec_from(request, "the record's request")
     # the baseline names what was evaluated: the data set and eps as resolved, not "the model's default"
     return replace(spec, dataset=spec.dataset or doc["spec"]["dataset"], eps=float(doc["spec"]["eps"]))
 
@@ -110,8 +138,8 @@ def make_baseline(doc: dict[str, Any]) -> dict[str, Any]:
         "kind": KIND,
         "version": VERSION,
         "evaluation": {k: v for k, v in evaluation_of(doc).to_dict().items() if k not in _NOT_GUARDED},
-        "n": doc["results"]["summary"]["n_examples"],
-        "metrics": metrics_of(doc["results"]["summary"]),
+        "n": len(doc["results"]["columns"]["index"]),
+        "metrics": measured_metrics(doc),
         "fingerprint": {k: spec.get(k) for k in FINGERPRINT},
         "source": {
             "run_id": doc["run_id"],
@@ -130,15 +158,14 @@ def write_baseline(record: str | Path, out: str | Path) -> dict[str, Any]:
 
 def load_baseline(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BenchError(f"cannot read expected results {path}: {exc}") from None
+    doc = read_json(path, "expected results")
     if not isinstance(doc, dict) or doc.get("kind") != KIND or doc.get("version") != VERSION:
         raise BenchError(f"{path} is not a deq-bench expected-results file (version {VERSION})")
     for key in ("evaluation", "n", "metrics", "fingerprint"):
         if key not in doc:
             raise BenchError(f"{path} lacks {key!r}")
+    check_baseline(doc, path)
+    _spec_from(doc["evaluation"], f"expected-results file {path}: field evaluation")
     return doc
 
 
@@ -154,10 +181,9 @@ def check_fingerprint(baseline: dict[str, Any], doc: dict[str, Any]) -> None:
 
 def compare(baseline: dict[str, Any], doc: dict[str, Any], tolerance: float | None = None) -> list[Row]:
     """One row per expected metric; `tolerance` (points) overrides the per-metric default."""
-    if tolerance is not None and tolerance < 0:
-        raise BenchError("--tolerance must be at least 0")
+    check_tolerance(tolerance)
     n = int(baseline["n"])
-    measured = metrics_of(doc["results"]["summary"])
+    measured = measured_metrics(doc)
     natural = {name: i for i, name in enumerate(measured)}  # clean, groups, All per readout; not a-z
     expected = sorted(baseline["metrics"].items(), key=lambda kv: (natural.get(kv[0], len(natural)), kv[0]))
     return [
@@ -183,7 +209,7 @@ def rerun(
     """Run the baseline's evaluation (one process, never sharded); reuses an identical finished run."""
     from bench.evaluate import evaluate
 
-    spec = RunSpec.from_dict(baseline["evaluation"])
+    spec = _spec_from(baseline["evaluation"], "the baseline's evaluation")
     spec = replace(spec, device=device, **({} if checkpoint is None else {"checkpoint": checkpoint}))
     options = RunOptions(results_dir=results_dir, data_dir=data_dir, quiet=quiet, shard="0/1")
     document, path, reused = evaluate(spec, options)
@@ -262,6 +288,7 @@ def run_check(
         raise BenchError(
             "give --baseline FILE to check, or --write-baseline FILE --read RECORD to create one"
         )
+    check_tolerance(tolerance)
     expected = load_baseline(baseline)
     if read is not None:
         if checkpoint is not None:

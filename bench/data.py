@@ -18,6 +18,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ class _RawSplit:
     labels: np.ndarray  # (N,) int64
     source: str
     builtin_fallback: bool = False
+    found_in: Path | None = None  # the folder the files came from (None: built in, or a download)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -472,7 +474,8 @@ def _read_fashion(split: str, data_dir: Path, download: bool, verify: bool) -> _
         raise _fashion_missing(split, data_dir)
     images, labels = read_fashion_pair(*pair, FASHION_SHA256 if verify else None)
     check = "sha256 verified against the official content" if verify else "sha256 NOT verified"
-    return _RawSplit(images, labels, f"{pair[0].parent} ({pair[0].name}, {pair[1].name}; {check})")
+    source = f"{pair[0].parent} ({pair[0].name}, {pair[1].name}; {check})"
+    return _RawSplit(images, labels, source, found_in=pair[0].parent)
 
 
 _READERS: dict[str, Callable[[str, Path, bool, bool], _RawSplit]] = {
@@ -518,7 +521,9 @@ def load_dataset(
     """Examples start..start+n_examples of a split in file order (all from `start` when n_examples is None).
 
     `fashion-mnist` test requests that fit in the first 1000 images fall back to the built-in subset
-    when no Fashion-MNIST files are found (same pixels; `source` says so).
+    when no Fashion-MNIST files are found (same pixels; `source` says so). When the user named the folder
+    (`data_dir`) and it does not hold the files, that is said on stderr: the numbers are the same, but the
+    user expected their files to be read.
     """
     if start < 0 or (n_examples is not None and n_examples < 0):
         raise BenchError(f"start ({start}) and n_examples ({n_examples}) must not be negative")
@@ -528,6 +533,15 @@ def load_dataset(
     stop = total if n_examples is None else start + n_examples
     if raw.builtin_fallback and (n_examples is None or stop > total):
         raise _fashion_missing(split, resolved_dir, f"only the first {total} test images are built in; ")
+    elsewhere = raw.found_in is not None and resolved_dir not in (raw.found_in, *raw.found_in.parents)
+    if data_dir is not None and (raw.builtin_fallback or elsewhere):
+        state = "does not exist" if not resolved_dir.exists() else f"holds no {name} {split} files"
+        used = (
+            f"the built-in subset (the same first {total} test images, sha256 verified)"
+            if raw.builtin_fallback
+            else f"the copy in {raw.found_in}"
+        )
+        print(f"warning: --data-dir {resolved_dir} {state}; using {used}", file=sys.stderr)
     if stop > total or start > total:
         raise BenchError(f"{name} {split} has {total} examples; asked for {start}..{stop - 1}")
     return _make_set(name, split, raw, start, stop)

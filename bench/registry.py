@@ -138,6 +138,8 @@ def _zoo_model(name: str, checkpoint: str | Path | None) -> tuple[nn.Module, Pat
         path = default_zoo_dir() / ref.dataset / ref.folder / f"{ref.model_name}.pt"
         return model, path if path.is_file() else None
     src = Path(checkpoint).resolve()
+    if src.is_dir():
+        raise BenchError(f"checkpoint {checkpoint} is a directory, not a weights file")
     if not src.is_file():
         raise BenchError(f"checkpoint {checkpoint} does not exist")
     ref = parse_zoo_name(name)
@@ -223,6 +225,8 @@ def load_model(
         return LoadedModel(entry, model.eval(), None, None, {})
     if checkpoint is not None:
         path, expected = Path(checkpoint), None
+        if path.is_dir():
+            raise BenchError(f"checkpoint {path} is a directory, not a weights file")
         if not path.is_file():
             raise BenchError(f"checkpoint {path} does not exist")
     else:

@@ -322,6 +322,8 @@ def load_user_model(entry: ModelEntry, checkpoint: str | os.PathLike[str] | None
     expected = None
     if checkpoint is not None:
         path = Path(checkpoint)
+        if path.is_dir():
+            raise BenchError(f"checkpoint {path} is a directory, not a weights file")
         if not path.is_file():
             raise BenchError(f"checkpoint {path} does not exist")
     elif entry.checkpoint.registered:

@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "bench.console",
             "bench.seeds",
             "bench.progress",
+            "bench.interrupts",
         ),
     ),
     ("engine", ("bench.progress", "bench.deq", "bench.attacks", "bench.defenses")),

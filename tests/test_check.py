@@ -162,10 +162,24 @@ def test_tolerance_override_widens_or_tightens_the_gate(setup):
 def test_rows_report_expected_measured_delta_allowed(setup):
     baseline = load_baseline(setup["baseline"])
     doc = json.loads(setup["record"].read_text())
-    doc["results"]["summary"]["readouts"]["final"]["clean_acc"] -= 20.0
+    doc["results"]["summary"]["readouts"]["final"]["clean_acc"] -= 20.0  # the stored summary is not trusted
+    assert all(r.verdict == "ok" and r.delta == 0 for r in compare(baseline, doc))
+    # misclassify every example that every group breaks: clean accuracy drops, robust accuracy cannot move
+    cols = doc["results"]["columns"]
+    pred, labels = cols["clean"]["final"]["pred"], cols["label"]
+    groups = {c["group"] for c in cols["attacks"]}
+    flipped = [
+        i
+        for i in range(N)
+        if pred[i] == labels[i]
+        and all(any(c["broken"][i] for c in cols["attacks"] if c["group"] == g) for g in groups)
+    ]
+    for i in flipped:
+        pred[i] = (labels[i] + 1) % 10
     rows = {r.metric: r for r in compare(baseline, doc)}
     clean = rows["final/clean"]
-    assert clean.delta == pytest.approx(-20.0) and clean.verdict == "below"
+    assert len(flipped) >= 10  # a drop beyond the default tolerance
+    assert clean.delta == pytest.approx(-100.0 * len(flipped) / N) and clean.verdict == "below"
     assert clean.allowed == pytest.approx(default_tolerance(baseline["metrics"]["final/clean"], N))
     assert all(r.verdict == "ok" for name, r in rows.items() if name != "final/clean")
 

@@ -25,13 +25,17 @@ def test_derive_seed_separates_streams():
     assert 0 <= derive_seed(1, "x") < 2**63
 
 
+MINIMAL_SPEC = {"model": "m", "dataset": "fashion-mnist", "eps": 0.1, "plan": {"readouts": ["final"]}}
+MINIMAL_RESULTS = {"columns": {"index": [0], "label": [1], "clean": {"final": {"pred": [1]}}}}
+
+
 def test_store_stages_and_final(tmp_path):
-    store = RunStore(tmp_path, "m", "abc")
+    store = RunStore(tmp_path, "m", run_id_of({"model": "m"}))
     assert store.finished() is None and store.load_stage("batch-0") is None
     store.save_stage("batch-0", {"rows": [1, 2]})
     assert store.load_stage("batch-0") == {"rows": [1, 2]}
-    store.write_final({"schema": 1, "results": {"x": 1}, "provenance": {}})
-    assert store.finished()["results"] == {"x": 1}
+    store.write_final({"schema": 1, "spec": MINIMAL_SPEC, "results": MINIMAL_RESULTS, "provenance": {}})
+    assert store.finished()["results"] == MINIMAL_RESULTS
     assert not store.partial_dir.exists()  # progress is dropped once the document is written
     assert not list(tmp_path.glob("**/*.tmp"))
 

@@ -1,6 +1,7 @@
-"""The `bench` command line: the only importer of typer, and the only place that turns a BenchError into
-one stderr line and exit code 2. Each command parses its flags into the typed specs (bench.spec) and calls
-one function below; nothing under here computes."""
+"""The `bench` command line: the only importer of typer, and the only place that turns a failure into an
+exit code: a BenchError or an OSError on a user's path is one `error:` line and exit 2, a stop signal
+(Ctrl-C, SIGTERM, SLURM's preemption) is `error: interrupted; ...` and 128 + the signal number. Each command
+parses its flags into the typed specs (bench.spec) and calls one function below; nothing here computes."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Annotated
 
 import typer
 
-from bench import __version__
+from bench import __version__, interrupts
 from bench.console import print_json, print_table
 from bench.errors import BenchError
+from bench.io import os_error_message
 from bench.spec import DEFAULT_SHARD_TIMEOUT_S, EvalConfig
 
 try:  # typer >= 0.2x vendors click; older ones use the click package
@@ -210,10 +212,21 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _interrupted(code: int) -> None:
+    # bench train continues only when asked (--resume), from its last saved state
+    message = interrupts.TRAIN_MESSAGE if sys.argv[1:2] == ["train"] else interrupts.MESSAGE
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Entry point of the console script: BenchError and usage errors -> one line, exit 2."""
+    """Entry point of the console script: BenchError, OSError and usage errors -> one line, exit 2;
+    interrupts -> one line, 128 + signal."""
+    interrupts.install()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+    except interrupts.Interrupted as exc:
+        _interrupted(exc.exit_code)
     except BenchError as exc:
         _fail(str(exc))
     except click_exceptions.NoArgsIsHelpError as exc:
@@ -223,8 +236,13 @@ def main() -> None:
     except click_exceptions.ClickException as exc:
         _fail(exc.format_message())
     except (typer.Abort, KeyboardInterrupt):
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted(130)
     except BrokenPipeError:  # `bench models | head`: the reader left, nothing to report
         sys.stderr.close()
         sys.exit(0)
+    except OSError as exc:  # a user's path: permissions, not a directory, no space, file too large
+        _fail(os_error_message(exc, action="access"))
+    if isinstance(code, int) and code != 0:  # typer returns 130 for a KeyboardInterrupt it caught
+        if code == 130:
+            _interrupted(code)
+        sys.exit(code)

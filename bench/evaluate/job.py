@@ -39,6 +39,7 @@ from bench.records.assemble import (
     missing_batches,
     record_session,
     save_manifest,
+    sort_out_batches,
 )
 from bench.records.store import RunStore, run_id_of
 from bench.spec import RunOptions, RunSpec
@@ -60,10 +61,26 @@ def evaluate(spec: RunSpec, options: RunOptions | None = None) -> Outcome:
     setup = prepare(spec, options, device)
     run_id = run_id_of(setup.identity)
     store = RunStore(options.results_dir, setup.run_name, run_id)
+    # one single-process run at a time (a second identical one waits, then reuses the record); the shards
+    # of a sharded run share the lock and work on the run's .partial folder together
+    with store.lock(shared=shard.sharded, on_wait=announce):
+        return _run(spec, options, shard, device, setup, store)
+
+
+def _run(
+    spec: RunSpec, options: RunOptions, shard: Shard, device: Any, setup: Setup, store: RunStore
+) -> Outcome:
+    """The run under its lock: reuse, or stages, batches and the record."""
+    run_id = store.run_id
     if options.force:
         store.clear()
-    elif (done := store.finished()) is not None:
-        return done, store.final_path, True
+    else:
+        try:
+            done = store.finished()
+        except BenchError as exc:  # a damaged finished record is never reused silently
+            raise BenchError(f"{exc}; --force recomputes the run") from None
+        if done is not None:
+            return done, store.final_path, True
 
     t_start = time.time()
     batches = batch_plan(len(setup.data), spec.batch_size)  # fixed by the spec, whatever the processes
@@ -129,6 +146,8 @@ def _run_batches(
     reporter.start("attacks", len(mine) * units)
     ran: list[int] = []
     reused: list[int] = []
+    for line in sort_out_batches(store, setup.identity, mine):  # a corrupt batch file is recomputed
+        announce(f"warning: {line}; recomputing it")
     for b in mine:
         if store.stage_path(batch_stage(b)).is_file():
             reporter.skip(units)

@@ -7,7 +7,9 @@ reported examples, attacks or defense share one sweep.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,8 @@ from bench.evaluate.execute import Selection, example_seeds
 from bench.evaluate.plan import Plan, Protocol, protocol_dict, views_of
 from bench.evaluate.views import Views
 from bench.progress import Reporter
-from bench.records.store import RunStore, SweepCache
+from bench.records.store import RunStore, SweepCache, set_aside
+from bench.records.validate import Malformed, check_early_state, check_sweep
 from bench.spec import EARLY, RunOptions, RunSpec, ViewSpec
 
 # the run-spec fields a white-box sweep depends on (with the sweep's settings and the readouts): runs that
@@ -44,6 +47,21 @@ SWEEP_INPUTS = (
 EARLY_STAGE = "early-state"
 
 
+def _valid_stage(store: RunStore, name: str, check: Callable[[Any, Path], Any]) -> dict[str, Any] | None:
+    """A stage file that passes its check; a corrupt one is moved aside (and so recomputed)."""
+    stage = store.load_stage(name)
+    path = store.stage_path(name)
+    if stage is None and not path.is_file():
+        return None
+    try:
+        if stage is None:
+            raise Malformed(f"stage file {path} is malformed: not valid JSON")
+        return check(stage, path)
+    except Malformed as exc:
+        print(f"warning: {exc}; moved aside to {set_aside(path).name}, recomputing it", file=sys.stderr)
+        return None
+
+
 def _staged(
     store: RunStore,
     name: str,
@@ -51,12 +69,13 @@ def _staged(
     shard: Shard,
     timeout: float,
     compute: Callable[[], dict[str, Any]],
+    check: Callable[[Any, Path], Any],
 ) -> dict[str, Any]:
     """A run's stage: from its file, from rank 0 (other ranks wait for it), or computed and saved."""
-    stage = store.load_stage(name)
+    stage = _valid_stage(store, name, check)
     if stage is None and shard.rank != 0:
         stage = wait_for(
-            lambda: store.load_stage(name), f"rank 0's {what} ({store.stage_path(name)})", timeout
+            lambda: _valid_stage(store, name, check), f"rank 0's {what} ({store.stage_path(name)})", timeout
         )
     if stage is None:
         stage = compute()
@@ -184,6 +203,12 @@ def cached_sweep(
         }
     )
     stage = None if force else sweeps.load(key)
+    if stage is not None:
+        try:
+            check_sweep(stage, sweeps.dir / f"{key}.json", readouts)
+        except Malformed as exc:  # a damaged cache entry is recomputed and overwritten
+            print(f"warning: {exc}; recomputing the sweep", file=sys.stderr)
+            stage = None
     if stage is None:
         assert protocol.sweep is not None
         reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(readouts))
@@ -216,6 +241,7 @@ def run_stages(
             shard,
             timeout,
             lambda: select_early_state(views, dev, ready_made, spec, reporter),
+            check_early_state,
         )
         views = views.with_states({EARLY: early["readout"]})
     sweeps = SweepCache(options.results_dir)
@@ -235,6 +261,7 @@ def run_stages(
                 lambda p=protocol: cached_sweep(
                     views, p, plan.readouts, dev, spec, options.force, reporter, identity, sweeps
                 ),
+                lambda stage, path: check_sweep(stage, path, plan.readouts),
             )
             chosen = stage["chosen"]
         selection[protocol.name] = {r: views_of(es, r, defended) for r, es in chosen.items()}

@@ -11,6 +11,7 @@ single-process record's by construction.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -18,12 +19,21 @@ from typing import Any
 
 import torch
 
-from bench.distributed import Shard, describe_batches
+from bench.distributed import Shard, batch_plan, describe_batches
 from bench.errors import BenchError
 from bench.io import atomic_write_tensor
 from bench.records.read import read_record
 from bench.records.schema import COLUMN_KEYS, add_timings, timings_list, unique_warnings
-from bench.records.store import RunStore
+from bench.records.store import RunStore, set_aside
+from bench.records.validate import (
+    Malformed,
+    check_batch,
+    check_early_state,
+    check_manifest,
+    check_run_id,
+    check_sweep,
+    odd_shapes,
+)
 
 MANIFEST = "run"
 
@@ -69,14 +79,54 @@ def missing_batches(store: RunStore, n_batches: int) -> list[int]:
     return [b for b in range(n_batches) if not store.stage_path(batch_stage(b)).is_file()]
 
 
+def batch_index(spec: dict[str, Any], b: int) -> list[int]:
+    """The example indices batch b holds: the batch plan over the first n_examples test examples."""
+    return list(batch_plan(int(spec["n_examples"]), int(spec["batch_size"]))[b])
+
+
+def load_batch(store: RunStore, spec: dict[str, Any], b: int) -> dict[str, Any] | None:
+    """Batch b's file, validated against the plan (types, lengths, exactly its examples); None if absent.
+    Malformed when it is corrupt (e.g. another batch's file copied under its name)."""
+    path = store.stage_path(batch_stage(b))
+    stage = store.load_stage(batch_stage(b))
+    if stage is None:
+        if path.is_file():  # present but not JSON
+            raise Malformed(f"batch file {path} is malformed: not valid JSON")
+        return None
+    return check_batch(stage, path, spec["plan"], batch_index(spec, b))
+
+
+def sort_out_batches(store: RunStore, spec: dict[str, Any], batches: list[int]) -> list[str]:
+    """Validate the batch files present among `batches`; each corrupt one is moved aside (so it is
+    recomputed, or reported missing by `bench merge`). Returns one line per file moved."""
+    moved = []
+    for b in batches:
+        try:
+            load_batch(store, spec, b)
+        except Malformed as exc:
+            target = set_aside(store.stage_path(batch_stage(b)))
+            moved.append(f"{exc}; moved aside to {target.name}")
+    return moved
+
+
+def _number(value: Any, default: float) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else default
+
+
 def _sessions(store: RunStore) -> list[dict[str, Any]]:
     out = []
     for path in sorted(store.partial_dir.glob("shard-r*-w*.json")):
         try:
-            out += json.loads(path.read_text())["sessions"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            sessions = json.loads(path.read_text())["sessions"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             continue  # provenance only: a vanished or foreign file must not block the record
-    return sorted(out, key=lambda s: (s.get("started", 0.0), s.get("world", 1), s.get("rank", 0)))
+        if isinstance(sessions, list):
+            out += [s for s in sessions if isinstance(s, dict)]
+    return sorted(
+        out,
+        key=lambda s: (_number(s.get("started"), 0.0), _number(s.get("world"), 1), _number(s.get("rank"), 0)),
+    )
 
 
 def assemble(
@@ -99,6 +149,7 @@ def assemble(
         stage = store.load_stage(f"sweep-{name}")
         if stage is None:
             return None
+        check_sweep(stage, store.stage_path(f"sweep-{name}"), readouts)
         selection[name], sweep_tables[name] = stage["chosen"], stage["table"]
         decided_by[name] = stage.get("decided_by", {})
     parts: list[dict[str, Any]] = []
@@ -106,7 +157,13 @@ def assemble(
     warnings: list[dict[str, Any]] = []
     first_sanity: dict[str, Any] = {}
     for b in range(n_batches):
-        stage = store.load_stage(batch_stage(b))
+        try:
+            stage = load_batch(store, spec, b)
+        except Malformed as exc:
+            target = set_aside(store.stage_path(batch_stage(b)))
+            raise BenchError(
+                f"{exc}; moved aside to {target.name}: re-run the same command to recompute it"
+            ) from None
         if stage is None:
             return None
         if b == 0:
@@ -115,6 +172,13 @@ def assemble(
         add_timings(seconds, stage["timings"])
         warnings += stage["warnings"]
 
+    paths = [store.stage_path(batch_stage(b)) for b in range(n_batches)]
+    if odd := odd_shapes(parts, paths):  # e.g. a column's field deleted by hand in one batch
+        moved = ", ".join(f"{p.name} (moved aside to {set_aside(p).name})" for p in odd)
+        raise BenchError(
+            f"batch file(s) {moved} are malformed: field columns: their fields or attack columns differ "
+            "from the other batches'; re-run the same command to recompute them"
+        )
     columns = merge_batches(parts)
     warnings = unique_warnings(warnings)
     sessions = _sessions(store)
@@ -135,6 +199,7 @@ def assemble(
     }
     early = store.load_stage("early-state")
     if early is not None:  # the readout "early" is head(z[t]) with this t, chosen on the dev set
+        check_early_state(early, store.stage_path("early-state"))
         results["early_state"] = early
     devices = sorted({str(s["device"]) for s in sessions if s.get("device")})
     provenance = {
@@ -192,17 +257,25 @@ def reimplementations(selection: dict[str, dict[str, list[str]]]) -> list[str]:
 
 
 def _load_manifest(partial: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((partial / f"{MANIFEST}.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    """The run's manifest, validated; None when there is none. Malformed when it is corrupt."""
+    path = partial / f"{MANIFEST}.json"
+    if not path.is_file():
         return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise Malformed(f"run manifest {path} is malformed: not valid JSON") from None
+    except OSError as exc:
+        raise BenchError(f"cannot read run manifest {path}: {exc.strerror or exc}") from None
+    return check_manifest(manifest, path)
 
 
 def _pick_run(root: Path, run_id: str | None) -> str:
     if run_id is not None:
-        return run_id
+        return check_run_id(run_id)
     partial_root = root / ".partial"
     runs = sorted(d.name for d in partial_root.iterdir() if d.is_dir()) if partial_root.is_dir() else []
+    runs = [check_run_id(r, f"folder {partial_root}/") for r in runs]
     if not runs:
         raise BenchError(f"no unfinished run in {root}: nothing to merge")
     if len(runs) > 1:
@@ -228,7 +301,8 @@ def merge_run(results_dir: str | Path, run_id: str | None = None) -> tuple[dict[
     started = time.time()
     root = Path(results_dir)
     if not root.is_dir():
-        raise BenchError(f"results directory {root} does not exist")
+        state = "is not a directory" if root.exists() else "does not exist"
+        raise BenchError(f"results directory {root} {state}")
     run_id = _pick_run(root, run_id)
     partial = root / ".partial" / run_id
     manifest = _load_manifest(partial)
@@ -245,9 +319,13 @@ def merge_run(results_dir: str | Path, run_id: str | None = None) -> tuple[dict[
     store = RunStore(root, manifest["run_name"], run_id)
     if (done_doc := store.finished()) is not None:
         return done_doc, store.final_path, True
+    moved = sort_out_batches(store, manifest["spec"], list(range(int(manifest["n_batches"]))))
     missing = missing_batches(store, int(manifest["n_batches"]))
     if missing:
-        raise BenchError(_missing_message(store, manifest, missing))
+        message = _missing_message(store, manifest, missing)
+        if moved:
+            message = f"{'; '.join(moved)}. {message}"
+        raise BenchError(message)
     document = assemble(store, manifest, device=None, started=started)
     if document is None:
         if (done_doc := store.finished()) is not None:  # a shard finished it meanwhile
