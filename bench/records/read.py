@@ -21,6 +21,10 @@ from bench.records.validate import check_record
 class NotARecord(BenchError):
     """A file that is not a deq-bench run record at all (other JSON, unreadable bytes)."""
 
+    def __init__(self, message: str, report: bool = False) -> None:
+        super().__init__(message)
+        self.report = report  # a table this tool exported beside the records (a JSON list of rows)
+
 
 def read_json(path: str | Path, what: str) -> Any:
     """A JSON file's content; BenchError naming the file when it cannot be read or parsed."""
@@ -39,6 +43,8 @@ def read_record(path: str | Path) -> dict[str, Any]:
         doc = read_json(path, "run record")
     except BenchError as exc:
         raise NotARecord(str(exc)) from None
+    if isinstance(doc, list):
+        raise NotARecord(f"{path} is a list of rows (an exported table), not a run record", report=True)
     if not isinstance(doc, dict) or doc.get("schema") not in READABLE_SCHEMAS or "results" not in doc:
         raise NotARecord(f"{path} is not a deq-bench run record (schema {SCHEMA_VERSION})")
     return check_record(upgrade(doc), path)
@@ -57,6 +63,7 @@ def iter_records(results_dir: str | Path) -> Iterable[tuple[Path, dict[str, Any]
         try:
             doc = read_record(path)
         except NotARecord as exc:
-            print(f"warning: skipped {path}: {exc}", file=sys.stderr)
+            if not exc.report:  # `bench leaderboard --format json --output results/...` lives here too
+                print(f"warning: skipped {path}: {exc}", file=sys.stderr)
             continue
         yield path, doc

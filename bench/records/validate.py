@@ -197,10 +197,23 @@ def check_columns(
             c.items(c.list(col["attacked"], f"{where}.attacked", n), f"{where}.attacked", "bool")
         if "linf" in col:
             c.items(c.list(col["linf"], f"{where}.linf", n), f"{where}.linf", "number")
-    for key in ("clean_solver", "clean_states", "adversarial"):
+    for key in ("clean_solver", "clean_states"):
         if cols.get(key) is not None:
             _check_tree(c, cols[key], f"{field}.{key}", n)
+    if cols.get("adversarial") is not None:
+        _check_adversarial(c, cols["adversarial"], f"{field}.adversarial", n)
     return n
+
+
+def _check_adversarial(c: _Checker, tree: Any, field: str, n: int) -> None:
+    """protocol -> group -> readout -> the worst-case pass's entry (bench.records.schema.nest)."""
+    for protocol, groups in c.dict(tree, field).items():
+        for group, readouts in c.dict(groups, f"{field}.{protocol}").items():
+            for readout, entry in c.dict(readouts, f"{field}.{protocol}.{group}").items():
+                where = f"{field}.{protocol}.{group}.{readout}"
+                c.dict(entry, where)
+                c.items(c.list(c.key(entry, "pred", where), f"{where}.pred", n), f"{where}.pred", "int")
+                _check_tree(c, entry, where, n)
 
 
 def _check_warnings(c: _Checker, warnings: Any, field: str) -> None:
@@ -259,6 +272,16 @@ def _check_plan(c: _Checker, plan: Any, field: str, strict: bool = False) -> lis
     return list(readouts)
 
 
+def _attack_name(c: _Checker, spec: str, field: str) -> str:
+    """The name an attack's columns carry (`pgd-10` runs as `pgd`): the plan holds specs as written."""
+    from bench.attacks.specs import parse_attack
+
+    try:
+        return parse_attack(spec, 0.0).name
+    except BenchError as exc:
+        raise c.fail(field, f"not an attack spec ({exc})") from None
+
+
 def _check_planned_columns(
     c: _Checker, plan: dict[str, Any], cols: dict[str, Any], readouts: list[str], field: str
 ) -> None:
@@ -270,8 +293,9 @@ def _check_planned_columns(
         for group, attacks in groups.items():
             for j, attack in enumerate(c.list(attacks, f"spec.plan.protocols[{i}].groups.{group}")):
                 c.str(attack, f"spec.plan.protocols[{i}].groups.{group}[{j}]")
+                name = _attack_name(c, attack, f"spec.plan.protocols[{i}].groups.{group}[{j}]")
                 for r in readouts:
-                    if (protocol["name"], group, attack, r) not in have:
+                    if (protocol["name"], group, name, r) not in have:
                         raise c.fail(
                             field,
                             f"no column for attack {attack!r} (protocol {protocol['name']!r}, "
@@ -287,6 +311,19 @@ def _check_spec(c: _Checker, spec: Any, field: str, strict: bool = False) -> lis
     for k in ("n_examples", "batch_size"):
         if k in spec:
             c.int(spec[k], f"{field}.{k}", 1)
+    if spec.get("deploy") is not None:  # a DEQ's DeployConfig fields (None for a plain network)
+        deploy = c.dict(spec["deploy"], f"{field}.deploy")
+        for k in ("refine_steps", "max_iter"):
+            if k in deploy:
+                c.int(deploy[k], f"{field}.deploy.{k}", 0)
+        if "refine_lambda" in deploy:
+            c.number(deploy["refine_lambda"], f"{field}.deploy.refine_lambda")
+        if "refine_apply_f" in deploy:
+            c.bool(deploy["refine_apply_f"], f"{field}.deploy.refine_apply_f")
+    if "batching" in spec and spec["batching"] not in ("per-example", "papers"):
+        raise c.fail(
+            f"{field}.batching", f"expected 'per-example' or 'papers', got {_label(spec['batching'])}"
+        )
     return _check_plan(c, c.key(spec, "plan", field), f"{field}.plan", strict)
 
 
@@ -323,6 +360,10 @@ def check_record(doc: Any, path: str | Path) -> dict[str, Any]:
     for key in ("provenance", "request"):
         if doc.get(key) is not None:
             c.dict(doc[key], key)
+    meta = (doc.get("provenance") or {}).get("checkpoint_metadata")
+    if meta is not None:  # the training recipe the leaderboard labels a row with
+        for k, v in c.dict(meta, "provenance.checkpoint_metadata").items():
+            c.str(v, f"provenance.checkpoint_metadata.{k}")
     return doc
 
 

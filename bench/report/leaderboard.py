@@ -108,7 +108,7 @@ def _recipe_from_record(doc: dict[str, Any]) -> dict[str, Any]:
     if spec.get("method"):
         return {"method": spec["method"], "random_state": spec.get("random_state", False)}
     meta = (doc.get("provenance") or {}).get("checkpoint_metadata") or {}
-    recipe = meta.get("recipe")
+    recipe = meta.get("recipe") if isinstance(meta, dict) else None  # validated; provenance only
     if isinstance(recipe, str):
         try:
             recipe = json.loads(recipe)
