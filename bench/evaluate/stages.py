@@ -78,7 +78,7 @@ def select_early_state(
     size = spec.batch_size
     reporter.start("early-state selection", (len(dev) + size - 1) // size)
     for start in range(0, len(dev), size):
-        x = dev.x[start : start + size].to(views.device)
+        x = views.inputs(dev.x[start : start + size])
         y = dev.y[start : start + size].to(views.device)
         seeds = example_seeds(spec.seed, "early-state", dev.indices[start : start + size])
         everyone = torch.ones(len(x), dtype=torch.bool, device=x.device)
@@ -129,7 +129,7 @@ def select_estimators(
     sweep = protocol.sweep
     assert sweep is not None
     attack = parse_attack(sweep.attack, views.eps)
-    x_all, y_all = dev.x.to(views.device), dev.y.to(views.device)
+    x_all, y_all = views.inputs(dev.x), dev.y.to(views.device)
     chosen: dict[str, list[str]] = {}
     table: dict[str, Any] = {}
     decided: dict[str, str] = {}
