@@ -95,6 +95,11 @@ class Estimator(ABC):
                 f"estimator {self.spec!r} needs state {max(need)} but the solver runs {max_iter} steps"
             )
 
+    def shares_value(self, deploy: Any) -> bool:
+        """True when head(surrogate state) is computed by exactly the deployed refinement's operations
+        (same start, same f applications): the surrogate's value is then the deployed prediction."""
+        return False
+
     def cost(self) -> dict[str, int]:
         return {
             "f_evals_with_grad": self.f_evals_with_grad,
@@ -121,6 +126,12 @@ class _HookedEstimator(Estimator):
 
     def anchor(self, traj: Trajectory) -> Tensor:
         return traj.result
+
+    def shares_value(self, deploy: Any) -> bool:
+        """head(f(z*)): the deployed prediction when it is f(z*) alone (the papers' "real" readout)."""
+        return (
+            type(self).anchor is _HookedEstimator.anchor and deploy.refine_apply_f and not deploy.refine_steps
+        )
 
     @abstractmethod
     def backward(self, model: Any, u: Any, traj: Trajectory, a: Tensor) -> Tensor:
@@ -234,6 +245,12 @@ class Unroll(Estimator):
 
     def needed_states(self) -> set[int]:
         return set() if self.t is None else {self.t}
+
+    def shares_value(self, deploy: Any) -> bool:
+        """From z*, f then the deployed number of damped steps with the deployed lambda."""
+        if self.t is not None or not deploy.refine_apply_f or self.steps != deploy.refine_steps:
+            return False
+        return self.steps == 0 or self.lam == deploy.refine_lambda
 
     def surrogate(self, model: Any, u: Any, traj: Trajectory) -> Tensor:
         start = traj.result if self.t is None else traj.state(self.t)
