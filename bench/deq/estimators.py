@@ -87,6 +87,11 @@ class Estimator(ABC):
         """1-based solver states this estimator reads (must be kept in the trajectory)."""
         return set()
 
+    @property
+    def reads_result(self) -> bool:
+        """False when only intermediate states are read: a solve may then stop at max(needed_states())."""
+        return True
+
     def check_steps(self, max_iter: int) -> None:
         """Raise BenchError when the solve will not produce the states this estimator needs."""
         need = self.needed_states()
@@ -218,6 +223,10 @@ class SimultaneousAdjoint(_HookedEstimator):
     def needed_states(self) -> set[int]:
         return set(range(1, self.t + 1))
 
+    @property
+    def reads_result(self) -> bool:
+        return False
+
     def anchor(self, traj: Trajectory) -> Tensor:
         return traj.state(self.t)
 
@@ -245,6 +254,10 @@ class Unroll(Estimator):
 
     def needed_states(self) -> set[int]:
         return set() if self.t is None else {self.t}
+
+    @property
+    def reads_result(self) -> bool:
+        return self.t is None
 
     def shares_value(self, deploy: Any) -> bool:
         """From z*, f then the deployed number of damped steps with the deployed lambda."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -62,10 +62,13 @@ class AttackView(nn.Module):
         with model.weights_cached():  # one weight-norm computation for the solve, readout and surrogate
             return self._forward(model, x)
 
-    def _solve(self, model: Any, x: Tensor) -> tuple[Any, Trajectory]:
+    def _solve(self, model: Any, x: Tensor, upto: int | None = None) -> tuple[Any, Trajectory]:
+        """The no-grad solve (the deployed solver; stopped after `upto` steps when given)."""
+        settings = self.settings if upto is None else replace(self.settings, max_iter=upto)
+        keep = self.keep if upto is None else {t for t in self.keep if t <= upto}
         with torch.no_grad():
             u_value = model.inject(x)
-            traj = solve_model(model, u_value, self.settings, keep=self.keep)
+            traj = solve_model(model, u_value, settings, keep=keep)
         self.last_trajectory = traj
         self.last_stats = {
             "nsteps": traj.nsteps,
@@ -94,14 +97,20 @@ class AttackView(nn.Module):
         """(the estimator's own logits, with its gradient; deployed(rows) -> the deployed logits of rows).
 
         For attacks whose own logic does not read the deployed value at every step (our PGD with
-        `loss_on="estimator"`): the deployed readout is computed only for the rows asked for, from this
-        call's trajectory, so it costs nothing for rows the estimator still classifies correctly. Rows
-        whose surrogate is not finite get logits 0 without gradient (counted like `forward` counts them).
+        `loss_on="estimator"`): the deployed readout is computed only for the rows asked for, so it costs
+        nothing for rows the estimator still classifies correctly. An estimator that reads only states up
+        to t (state:t:K:lam, adjoint:t) gets a solve that stops at t (the solver is causal: the same
+        states); its deployed rows are then solved again in full, alone, which per-example solving makes
+        the same prediction. Rows whose surrogate is not finite get logits 0 without gradient (counted as
+        `forward` counts them).
         """
         model = self.model
         model.begin_forward(x.shape[0])
+        upto = self.settings.max_iter
+        if not self.estimator.reads_result:
+            upto = max(self.estimator.needed_states())
         with model.weights_cached():
-            u_value, traj = self._solve(model, x)
+            u_value, traj = self._solve(model, x, upto)
             surrogate = self.estimator.surrogate(model, model.inject(x), traj)
         finite = torch.isfinite(surrogate)
         if not bool(finite.all()):
@@ -110,12 +119,23 @@ class AttackView(nn.Module):
         if self.shared:
             value = surrogate.detach()
             return surrogate, lambda rows: value[rows]
+        if upto < self.settings.max_iter:
+            inputs = x.detach()
+            return surrogate, lambda rows: self._value(model, inputs[rows])
 
         def deployed(rows: Tensor) -> Tensor:
             with torch.no_grad(), model.weights_cached():
                 return self.readout.logits(model, traj.rows(rows), take_rows(u_value, rows))
 
         return surrogate, deployed
+
+    def _value(self, model: Any, x: Tensor) -> Tensor:
+        """The readout's logits of x from a full solve of its own (no gradient)."""
+        model.begin_forward(x.shape[0])
+        with torch.no_grad(), model.weights_cached():
+            u_value = model.inject(x)
+            traj = solve_model(model, u_value, self.settings, keep=self.keep)
+            return self.readout.logits(model, traj, u_value)
 
 
 def straight_through(value: Tensor, surrogate: Tensor) -> tuple[Tensor, int]:
