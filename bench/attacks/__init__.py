@@ -43,6 +43,9 @@ class AttackResult:
     warnings: list[str] = field(default_factory=list)
     forwards: int = 0  # example-forwards: rows that went through the model
     backwards: int = 0  # example-backwards: rows whose logits received a gradient
+    # the attack left its last iterate's success to the caller's re-check (it claims only earlier
+    # iterates): not claiming a row that the re-check finds broken is then no discrepancy
+    last_iterate_unjudged: bool = False
 
 
 class Attack(ABC):

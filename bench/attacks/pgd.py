@@ -20,9 +20,10 @@ What each step pays for (`loss_on`):
 * `estimator`: the loss is on the estimator's own logits, as the papers' pgd() does
   (`AttackView.surrogate_forward`), and the deployed prediction is computed only for the rows the
   estimator says are broken, to confirm them (a confirmed row is broken with that iterate and leaves);
-  the last iterate is judged on the deployed prediction for every row. A row the deployed prediction gets
-  wrong while the estimator still gets it right is found only at the end. For a model without
-  `surrogate_forward` (a plain network) both are the same attack.
+  the last iterate of every row is judged once, by the orchestrator's re-check on the deployed prediction
+  (`AttackResult.last_iterate_unjudged`: the attack claims only the iterates it confirmed). A row the
+  deployed prediction gets wrong while the estimator still gets it right is found only at the end. For a
+  model without `surrogate_forward` (a plain network) both are the same attack.
 """
 
 from __future__ import annotations
@@ -130,11 +131,12 @@ class PGD(Attack):
         x_adv = x.clone()
         broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         start = time.perf_counter()
+        left = False
         for restart in range(self.restarts):
             active = (~broken).nonzero().squeeze(1)
             if active.numel() == 0:
                 break
-            self._restart(counter, x, y, seeds, restart, active, x_adv, broken)
+            left = self._restart(counter, x, y, seeds, restart, active, x_adv, broken)
         synchronize(x.device)
         return AttackResult(
             x_adv=x_adv,
@@ -144,6 +146,7 @@ class PGD(Attack):
             seconds=time.perf_counter() - start,
             forwards=counter.forwards,
             backwards=counter.backwards,
+            last_iterate_unjudged=left,
         )
 
     def _restart(
@@ -156,17 +159,24 @@ class PGD(Attack):
         active: Tensor,
         x_adv: Tensor,
         broken: Tensor,
-    ) -> None:
+    ) -> bool:
         """One run from a fresh random start over the rows `active`; fills x_adv and broken in place.
 
         Each step runs one forward (with grad) on the rows still in play: rows it misclassifies are
         recorded as broken with that iterate and, with early stop, leave before the next forward.
+        With the loss on the estimator, the last restart's last iterate is not judged here: the caller's
+        re-check on the deployed prediction (bench.attacks.orchestrator) is that judgment, so it is not
+        paid twice. Returns True when it did so.
         """
         lo, hi = (x[active] - self.eps).clamp(min=0.0), (x[active] + self.eps).clamp(max=1.0)
         cur = torch.minimum(torch.maximum(self._start(x[active], seeds[active.cpu()], restart), lo), hi)
         split = self.loss_on == "estimator" and isinstance(model, CallCounter) and model.has_surrogate
         for step in range(self.steps + 1):
             last = step == self.steps
+            if last and split and restart == self.restarts - 1:
+                still = ~broken[active]
+                x_adv[active[still]] = cur[still]
+                return True
             xa = cur.detach().requires_grad_(not last)
             with torch.set_grad_enabled(not last):
                 if split and not last:
@@ -181,10 +191,10 @@ class PGD(Attack):
                 if last:
                     still = ~broken[active]
                     x_adv[active[still]] = cur[still]
-                    return
+                    return False
                 keep = ~wrong if self.early_stop else torch.ones_like(wrong)
                 if not keep.any():
-                    return
+                    return False
                 loss = pgd_loss(self.loss, logits[keep], y[active[keep]]).sum()
                 grad = torch.autograd.grad(loss, xa)[0][keep]
             with torch.no_grad():

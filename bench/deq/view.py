@@ -63,12 +63,12 @@ class AttackView(nn.Module):
             return self._forward(model, x)
 
     def _solve(self, model: Any, x: Tensor, upto: int | None = None) -> tuple[Any, Trajectory]:
-        """The no-grad solve (the deployed solver; stopped after `upto` steps when given)."""
+        """The no-grad solve (the deployed solver; stopped at state `upto` when given, without f(z[upto]))."""
         settings = self.settings if upto is None else replace(self.settings, max_iter=upto)
         keep = self.keep if upto is None else {t for t in self.keep if t <= upto}
         with torch.no_grad():
             u_value = model.inject(x)
-            traj = solve_model(model, u_value, settings, keep=keep)
+            traj = solve_model(model, u_value, settings, keep=keep, evaluate_last=upto is None)
         self.last_trajectory = traj
         self.last_stats = {
             "nsteps": traj.nsteps,
@@ -99,16 +99,14 @@ class AttackView(nn.Module):
         For attacks whose own logic does not read the deployed value at every step (our PGD with
         `loss_on="estimator"`): the deployed readout is computed only for the rows asked for, so it costs
         nothing for rows the estimator still classifies correctly. An estimator that reads only states up
-        to t (state:t:K:lam, adjoint:t) gets a solve that stops at t (the solver is causal: the same
-        states); its deployed rows are then solved again in full, alone, which per-example solving makes
-        the same prediction. Rows whose surrogate is not finite get logits 0 without gradient (counted as
-        `forward` counts them).
+        to t (state:t:K:lam, adjoint:t) gets a solve that stops at z[t] (the solver is causal: the same
+        states), t f-evaluations instead of max_iter + 1; its deployed rows are then solved again in full,
+        alone, which per-example solving makes the same prediction. Rows whose surrogate is not finite get
+        logits 0 without gradient (counted as `forward` counts them).
         """
         model = self.model
         model.begin_forward(x.shape[0])
-        upto = self.settings.max_iter
-        if not self.estimator.reads_result:
-            upto = max(self.estimator.needed_states())
+        upto = None if self.estimator.reads_result else max(self.estimator.needed_states())
         with model.weights_cached():
             u_value, traj = self._solve(model, x, upto)
             surrogate = self.estimator.surrogate(model, model.inject(x), traj)
@@ -119,7 +117,7 @@ class AttackView(nn.Module):
         if self.shared:
             value = surrogate.detach()
             return surrogate, lambda rows: value[rows]
-        if upto < self.settings.max_iter:
+        if upto is not None:
             inputs = x.detach()
             return surrogate, lambda rows: self._value(model, inputs[rows])
 
