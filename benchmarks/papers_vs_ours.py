@@ -20,7 +20,7 @@ known at every step) and `estimator` (pgd:10:ce:1:estimator: loss on the estimat
 confirmed on the deployed prediction for the rows the estimator says are broken, and on every row at the
 end). Every robust accuracy is judged on the deployed prediction. f/example counts the rows through f.
 
-    python benchmarks/papers_vs_ours.py mdeq --papers-repo DIR [--n 16] [--batch 8] [--threads 1]
+    python benchmarks/papers_vs_ours.py mdeq --papers-repo DIR [--n 16] [--batch 8] [--threads 1] [--device D]
     python benchmarks/papers_vs_ours.py tiny [--n 1000] [--batch 100] [--threads 1]
 """
 
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench.attacks import synchronize
 from bench.attacks.orchestrator import run_attacks
 from bench.attacks.pgd import PGD
 from bench.deq.estimators import parse_estimator
@@ -69,9 +70,11 @@ def ours(view: AttackView, attack: PGD, x: Tensor, y: Tensor, start: int) -> tup
     return int((~res.results[attack.name].broken).sum()), counter.rows
 
 
-def timed(fn: Callable[[], tuple[int, int]], tally: Tally) -> None:
+def timed(fn: Callable[[], tuple[int, int]], tally: Tally, device: torch.device) -> None:
+    synchronize(device)
     begin = time.perf_counter()
     robust, rows = fn()
+    synchronize(device)
     tally.seconds += time.perf_counter() - begin
     tally.robust += robust
     tally.f_rows += rows
@@ -98,19 +101,21 @@ def mdeq(args: argparse.Namespace) -> None:
     from bench.registry import load_model
     from models.paper_keys import convert_paper_state_dict
 
+    device = torch.device(args.device)
     theirs, _ = load_papers_model(args.papers_repo, args.seed)
     model = load_model("deq-large", random_weights=True).model.eval()
     model.load_state_dict(convert_paper_state_dict(theirs.state_dict()))
+    theirs, model = theirs.to(device), model.to(device)
     refine = 0 if args.train_grad == "real" else 9
     model.deploy = replace(model.deploy, refine_apply_f=True, refine_steps=refine, refine_lambda=0.5)
     n, batch = args.n, args.batch
-    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
     y = torch.cat([deployed(theirs, x[i : i + batch], args.train_grad) for i in range(0, n, batch)])
     with torch.no_grad():
         gap = (call(theirs, x[:batch], args.train_grad) - model(x[:batch])).abs().max().item()
     print(
-        f"MDEQ-Large, their random weights in both, CPU, {torch.get_num_threads()} thread(s), batch {batch}, "
-        f"n {n}; PGD-10 eps 8/255 step 2/255; deployed/judge: their {args.train_grad} = our "
+        f"MDEQ-Large, their random weights in both, {device}, {torch.get_num_threads()} thread(s), "
+        f"batch {batch}, n {n}; PGD-10 eps 8/255 step 2/255; deployed/judge: their {args.train_grad} = our "
         f"{'fz' if refine == 0 else 'unroll:9:0.5'}; max |their logits - ours| on clean inputs {gap:.2e}"
     )
     eps, step = 8 / 255, 2 / 255
@@ -132,10 +137,10 @@ def mdeq(args: argparse.Namespace) -> None:
                     robust = int((deployed(theirs, x_adv, args.train_grad) == yb).sum())
                 return robust, counts["f"]
 
-            timed(papers, rows[names[0]])
+            timed(papers, rows[names[0]], device)
             for v, name in zip(VARIANTS, names[1:], strict=True):
                 view, attack = views[v], attacks[v]
-                timed(lambda a=attack, m=view, xb=xb, yb=yb, i=i: ours(m, a, xb, yb, i), rows[name])
+                timed(lambda a=attack, m=view, xb=xb, yb=yb, i=i: ours(m, a, xb, yb, i), rows[name], device)
         table(f"\nestimator {spec} (their {their_name})", n, rows, names[0])
 
 
@@ -174,6 +179,7 @@ def tiny(args: argparse.Namespace) -> None:
     model = load_model("deq-tiny").model.eval()
     data = load_dataset("fashion-mnist", "test", None, False, args.n)
     eps, step, spec = 0.1, 0.025, "state:3:1:1"
+    cpu = torch.device("cpu")
     print(
         f"deq-tiny (trained), first {args.n} test images, CPU, {torch.get_num_threads()} thread(s), "
         f"batch {args.batch}; PGD-10 eps 0.1 step eps/4 through {spec}; robust = correct on the deployed "
@@ -186,13 +192,13 @@ def tiny(args: argparse.Namespace) -> None:
     np.random.seed(args.seed)
     for i in range(0, args.n, args.batch):
         xb, yb = data.x[i : i + args.batch], data.y[i : i + args.batch]
-        timed(lambda xb=xb, yb=yb: papers_loop(model, spec, xb, yb, eps, step), rows[names[0]])
+        timed(lambda xb=xb, yb=yb: papers_loop(model, spec, xb, yb, eps, step), rows[names[0]], cpu)
         for v, name in zip(VARIANTS, names[1:], strict=True):
 
             def run(v: str = v, xb: Tensor = xb, yb: Tensor = yb, start: int = i) -> tuple[int, int]:
                 return ours(views[v], attacks[v], xb, yb, start)
 
-            timed(run, rows[name])
+            timed(run, rows[name], cpu)
     table("", args.n, rows, names[0])
 
 
@@ -206,6 +212,7 @@ def main() -> None:
     m.add_argument("--n", type=int, default=16)
     m.add_argument("--batch", type=int, default=8)
     m.add_argument("--train-grad", default="real", choices=("real", "unroll"))
+    m.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     t = sub.add_parser("tiny")
     t.add_argument("--n", type=int, default=1000)
     t.add_argument("--batch", type=int, default=100)
