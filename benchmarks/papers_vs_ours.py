@@ -120,6 +120,8 @@ def mdeq(args: argparse.Namespace) -> None:
     )
     eps, step = 8 / 255, 2 / 255
     for their_name, spec in ESTIMATORS.items():
+        if args.estimators and spec not in args.estimators.split(","):
+            continue
         views = {v: AttackView(model, "final", spec) for v in VARIANTS}
         attacks = {v: PGD(eps, steps=10, step_size=step, loss_on=v) for v in VARIANTS}
         rows = {f"papers' code {their_name}": Tally(), **{f"ours {spec} {v}": Tally() for v in VARIANTS}}
@@ -213,6 +215,7 @@ def main() -> None:
     m.add_argument("--batch", type=int, default=8)
     m.add_argument("--train-grad", default="real", choices=("real", "unroll"))
     m.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    m.add_argument("--estimators", default="", help="only these of state:7:1:0.5,exact (default both)")
     t = sub.add_parser("tiny")
     t.add_argument("--n", type=int, default=1000)
     t.add_argument("--batch", type=int, default=100)
