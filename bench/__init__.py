@@ -1,3 +1,3 @@
 """deq-bench: honest white-box robustness evaluation of Deep Equilibrium Models."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

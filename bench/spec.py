@@ -21,6 +21,7 @@ from bench.numbers import format_fraction, format_number
 
 ZOO_PREFIX = "robustbench:"
 SUITES = ("quick", "ready-made", "white-box", "full", "lite")
+SWEEP_SCHEDULES = ("full", "halving")  # the white-box sweep: every candidate at full budget, or halving
 AUTOGRAD = "autograd"  # the estimator name of a plain (non-DEQ) network: its own backward pass
 EARLY = "early"  # the readout whose state the dev set chooses (the papers' early-exit defense)
 DEFAULT_SHARD_TIMEOUT_S = 6 * 3600.0
@@ -167,6 +168,7 @@ class RunSpec:
     deploy: DeploySpec | None = None  # None: the registry's deployed prediction
     batching: Batching = Batching.PER_EXAMPLE
     n_dev: int | None = None
+    sweep: str = "full"  # SWEEP_SCHEDULES: successive halving tries every candidate with a short PGD first
     batch_size: int = 50
     seed: int = 0
     device: str = "auto"
@@ -259,6 +261,7 @@ class EvalConfig:
     seed: int = 0
     results_dir: str = "results"
     n_dev: int | None = None
+    sweep: str = "full"
     force: bool = False
     save_adversarial: bool = False
     quiet: bool = False
@@ -306,6 +309,10 @@ class EvalConfig:
             ) from None
         if self.n_dev is not None:
             _positive(self.n_dev, "--n-dev")
+        if self.sweep not in SWEEP_SCHEDULES:
+            raise BenchError(
+                f"unknown --sweep {self.sweep!r}{did_you_mean(str(self.sweep), SWEEP_SCHEDULES)}"
+            )
         if not (isinstance(self.shard_timeout, int | float) and math.isfinite(self.shard_timeout)):
             raise BenchError("--shard-timeout must be a finite number of seconds")
         spec = RunSpec(
@@ -322,6 +329,7 @@ class EvalConfig:
             deploy=None if self.deploy is None else DeploySpec.parse(self.deploy),
             batching=batching,
             n_dev=self.n_dev,
+            sweep=self.sweep,
             batch_size=_positive(self.batch_size, "--batch-size"),
             seed=self.seed,
             device=self.device,

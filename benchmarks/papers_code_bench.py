@@ -62,7 +62,8 @@ def pgd(
 ) -> torch.Tensor:
     """Their pgd() (lib/core/cls_function.py), step for step, on CPU."""
     model.eval()
-    x_adv = data.detach() + torch.from_numpy(np.random.uniform(-epsilon, epsilon, data.shape)).float()
+    noise = torch.from_numpy(np.random.uniform(-epsilon, epsilon, data.shape)).float()
+    x_adv = data.detach() + noise.to(data.device)  # their code: .cuda() on the noise
     with torch.enable_grad():
         for _ in range(num_steps):
             x_adv.requires_grad_()

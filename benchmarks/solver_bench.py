@@ -7,7 +7,15 @@ residual is below tol; ours stops per example (frozen examples are no longer eva
 counts the examples f actually processed) or, with `global`, on the residual norm of the whole batch
 as in the papers' code.
 
+The time outside f ("other s") is the solver's own overhead. `--repeats R` runs every implementation once
+per round, R rounds interleaved, and sums each one's times, so a shared machine's load falls on all of
+them alike; the last column is each row's time outside f over torchdeq's (same method). `--tol 0` makes
+every implementation run exactly `--max-iter` steps: the same f calls for all. The row
+`deq-bench (elementwise, before #16.2)` runs our solver with its earlier low-rank products (one pairwise
+elementwise dot product per history vector, bit-identical by construction), to show that lever alone.
+
     python benchmarks/solver_bench.py [--preset large] [--batch 32] [--max-iter 50] [--tol 1e-3]
+    python benchmarks/solver_bench.py --batch 8 --max-iter 8 --tol 0 --threads 1 --repeats 3 --methods broyden
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +33,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.deq import solvers
 from bench.deq.solvers import rownorm, solve
 from models.mdeq import MDEQ, MDEQ_PRESETS
 
@@ -79,13 +89,54 @@ def timed(run: Callable[[], Tensor], f: CountingF) -> tuple[Tensor, float]:
     return z, time.perf_counter() - start
 
 
-def run_ours(method: str, f: CountingF, z0: Tensor, args, per_example: bool) -> Row:
+def _elementwise_rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """A row dot product before #16.2: a pairwise sum of elementwise adds (log2 D in-place passes)."""
+    return solvers._rowsum_consuming(a * b)
+
+
+def _elementwise_rownorm(x: Tensor) -> Tensor:
+    return _elementwise_rowdot(x, x).sqrt()
+
+
+def _elementwise_dots(vectors: Tensor, x: Tensor) -> Tensor:
+    """The low-rank dot products before #16.2: one pairwise elementwise row sum per history vector."""
+    return torch.stack([_elementwise_rowdot(vectors[:, j], x) for j in range(vectors.shape[1])], dim=1)
+
+
+def _elementwise_combine(coef: Tensor, vectors: Tensor) -> Tensor:
+    out = coef[:, 0, None] * vectors[:, 0]
+    for j in range(1, vectors.shape[1]):
+        out += coef[:, j, None] * vectors[:, j]
+    return out
+
+
+@contextmanager
+def elementwise_products() -> Iterator[None]:
+    """Our solver with the earlier elementwise low-rank products, for the before/after row."""
+    names = ("_dots", "_combine", "rowdot", "rownorm")
+    saved = [getattr(solvers, name) for name in names]
+    before = (_elementwise_dots, _elementwise_combine, _elementwise_rowdot, _elementwise_rownorm)
+    for name, fn in zip(names, before, strict=True):
+        setattr(solvers, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in zip(names, saved, strict=True):
+            setattr(solvers, name, fn)
+
+
+def run_ours(
+    method: str, f: CountingF, z0: Tensor, args, per_example: bool, elementwise: bool = False
+) -> Row:
     def go() -> Tensor:
         kw = dict(max_iter=args.max_iter, tol=args.tol, stop_mode="rel", keep=(), per_example=per_example)
-        return solve(f.rows_f, z0, method, u=f.u, **kw).result
+        with elementwise_products() if elementwise else nullcontext():
+            return solve(f.rows_f, z0, method, u=f.u, **kw).result
 
     z, seconds = timed(go, f)
     impl = "deq-bench" if per_example else "deq-bench (global)"
+    if elementwise:
+        impl = "deq-bench (elementwise, before #16.2)"
     return make_row(method, impl, f, z, seconds, args.tol)
 
 
@@ -128,6 +179,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", default="broyden,anderson")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds, times summed")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,8 +200,10 @@ def main() -> None:
         f"MDEQ-{args.preset} (random init, eval), batch {args.batch}, {args.device}, "
         f"torch threads {torch.get_num_threads()}, tol {args.tol:g} (rel), max_iter {args.max_iter}"
     )
-    header = f"{'solver':9} {'implementation':19} {'f calls':>7} {'f rows':>7} {'wall s':>8} {'in f s':>8} "
-    print(header + f"{'other s':>8} {'median rel':>10} {'max rel':>9} {'converged':>9}", flush=True)
+    header = f"{'solver':9} {'implementation':38} {'f calls':>7} {'f rows':>7} {'wall s':>8} {'in f s':>8} "
+    print(
+        header + f"{'other s':>8} {'median rel':>10} {'max rel':>9} {'converged':>9} {'other/torchdeq':>14}"
+    )
     with torch.no_grad(), model.weights_cached():
         model.begin_forward(args.batch)
         u = model.inject(x)
@@ -157,16 +211,33 @@ def main() -> None:
         f = CountingF(model, u)
         f.full_f(z0)  # warm-up
         for method in args.methods.split(","):
-            print_row(run_ours(method, f, z0, args, per_example=True))
-            print_row(run_ours(method, f, z0, args, per_example=False))
+            runs: dict[str, Callable[[], Row]] = {
+                "ours": lambda m=method: run_ours(m, f, z0, args, per_example=True),
+                "elementwise": lambda m=method: run_ours(m, f, z0, args, per_example=True, elementwise=True),
+                "global": lambda m=method: run_ours(m, f, z0, args, per_example=False),
+            }
             if have_torchdeq:
-                print_row(run_torchdeq(method, f, z0, args))
+                runs["torchdeq"] = lambda m=method: run_torchdeq(m, f, z0, args)
+            totals: dict[str, Row] = {}
+            for _ in range(args.repeats):  # interleaved rounds
+                for key, run in runs.items():
+                    row = run()
+                    if key in totals:
+                        totals[key].seconds += row.seconds
+                        totals[key].f_seconds += row.f_seconds
+                    else:
+                        totals[key] = row
+            ref = totals.get("torchdeq")
+            for row in totals.values():
+                print_row(row, None if ref is None else ref.seconds - ref.f_seconds)
 
 
-def print_row(r: Row) -> None:
+def print_row(r: Row, reference_other: float | None) -> None:
+    other = r.seconds - r.f_seconds
+    ratio = f"{other / reference_other:13.2f}x" if reference_other else f"{'':>14}"
     print(
-        f"{r.solver:9} {r.impl:19} {r.f_calls:7d} {r.f_rows:7d} {r.seconds:8.2f} {r.f_seconds:8.2f} "
-        f"{r.seconds - r.f_seconds:8.2f} {r.median_rel:10.2e} {r.max_rel:9.2e} {r.converged:>5}/{r.batch}",
+        f"{r.solver:9} {r.impl:38} {r.f_calls:7d} {r.f_rows:7d} {r.seconds:8.2f} {r.f_seconds:8.2f} "
+        f"{other:8.2f} {r.median_rel:10.2e} {r.max_rel:9.2e} {r.converged:>5}/{r.batch} {ratio}",
         flush=True,
     )
 

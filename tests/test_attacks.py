@@ -305,6 +305,8 @@ def test_specs_parse_to_the_documented_configurations() -> None:
         ("pgb", "did you mean 'pgd'"),
         ("apgd-ce:ten", "N_ITER must be a positive integer"),
         ("pgd:10:xent", "unknown loss"),
+        ("pgd:10:ce:1:value", "the loss is on deployed or estimator logits"),
+        ("pgd:10:ce:1:estimator:2", "too many fields"),
         ("square:5:5", "too many fields"),
         ("pgd:0", "at least 1 step"),
         ("apgd-t:20:", "empty field"),
@@ -344,3 +346,27 @@ def test_too_many_targets_are_capped_with_autoattack_warning() -> None:
     y = model(x).argmax(1).detach()
     result = APGDT(EPS, n_iter=2, targets=9).perturb(model, x, y, torch.arange(4))
     assert any("more target classes" in w for w in result.warnings)
+
+
+def test_pgd_with_the_loss_on_the_estimator_claims_only_what_the_deployed_prediction_confirms() -> None:
+    from deq_toys import inputs, tanh_toy
+
+    from bench.deq.view import AttackView, count_f_evals
+
+    model = tanh_toy(rho=0.9, max_iter=8, tol=0.0, refine_apply_f=True, refine_steps=9).eval()
+    x = inputs(12)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    seeds = torch.arange(12)
+    attack = PGD(0.3, steps=5, loss_on="estimator")
+    assert attack.name == "pgd:5:ce:1:estimator" and parse_attack(attack.name, 0.3).loss_on == "estimator"
+    for estimator in ("state:3:1:1", "unroll:9:0.5"):
+        view = AttackView(model, "final", estimator)
+        with count_f_evals(model) as count:
+            suite = run_attacks(view, x, y, [attack], seeds, checks=False)
+        res = suite.results[attack.name]
+        assert not res.warnings  # every claim survives the orchestrator's re-check, and nothing is missed
+        assert res.broken.any() and not res.broken.all()
+        plain = run_attacks(view, x, y, [PGD(0.3, steps=5)], seeds, checks=False).results["pgd:5"]
+        assert not plain.warnings
+        assert count.rows < 12 * (1 + 5 + 2) * 19  # fewer f than a full deployed forward per step

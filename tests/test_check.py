@@ -105,6 +105,7 @@ def test_baseline_names_the_evaluation_and_its_numbers(setup):
         "grads": None,
         "readouts": None,
         "n_dev": None,
+        "sweep": "full",
         "defense": "none",
         "deploy": None,
         "batching": "per-example",

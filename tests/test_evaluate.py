@@ -420,3 +420,33 @@ def test_dropped_nonfinite_gradients_are_counted_per_attack_and_flagged(micro, t
     (col,) = doc["results"]["columns"]["attacks"]
     assert col["nonfinite_grad_rows"] >= 1  # row 0 of every attacked forward lost its gradient
     assert "nonfinite-grad" in load_run(path).flags("final")
+
+
+def test_successive_halving_sweep_is_recorded_and_chooses_among_the_survivors(micro, tmp_path):
+    full, _, _ = evaluate(
+        _cfg(tmp_path / "full", suite="lite", n_examples=2, batch_size=2, n_dev=4, attacks=["pgd:2"])
+    )
+    doc, _, _ = evaluate(
+        _cfg(
+            tmp_path / "halving",
+            suite="lite",
+            n_examples=2,
+            batch_size=2,
+            n_dev=4,
+            attacks=["pgd:2"],
+            sweep="halving",
+        )
+    )
+    assert doc["request"]["sweep"] == "halving" and full["request"]["sweep"] == "full"
+    plans = [p for p in doc["spec"]["plan"]["protocols"] if p["sweep"]]
+    assert plans[0]["sweep"]["schedule"]["first_round"] == "pgd:2"
+    assert all("schedule" not in (p["sweep"] or {}) for p in full["spec"]["plan"]["protocols"])
+    table = doc["results"]["sweep"]["white-box"]["final"]
+    first = [r for r in table if r["round"] == 1]
+    second = [r for r in table if r["round"] == 2]
+    assert (
+        len(first) == len(plans[0]["sweep"]["candidates"])
+        and len(second) == plans[0]["sweep"]["schedule"]["keep"]
+    )
+    chosen = doc["results"]["selection"]["white-box"]["final"]
+    assert set(chosen) <= {r["estimator"] for r in second}

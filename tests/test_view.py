@@ -178,3 +178,42 @@ def test_invalid_readouts_raise_with_the_grammar(bad):
         parse_readout(bad)
     assert GRAMMAR in str(info.value)
     assert parse_readout("state:3").spec == "state:3"
+
+
+@pytest.mark.parametrize(("estimator", "deploy"), [("unroll:9:0.5", {}), ("exact", {"refine_steps": 0})])
+def test_a_surrogate_that_runs_the_deployed_refinement_gives_the_value_once(estimator, deploy):
+    model = _paper_toy(tol=0.0, **deploy)
+    x = inputs(5)
+    view = AttackView(model, "final", estimator)
+    assert view.shared
+    with count_f_evals(model) as count:
+        out = view(x.clone().requires_grad_(True))
+    assert torch.equal(out.detach(), model(x))
+    assert count.calls == 9 + 1 + deploy.get("refine_steps", 9)  # solve + the surrogate, no second refinement
+    unshared = AttackView(model, "final", estimator)
+    unshared.shared = False
+    xg, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g = _logit_grad(5)
+    (out_u := unshared(xg)).backward(g)
+    view(xs).backward(g)
+    assert torch.equal(out_u.detach(), out.detach()) and torch.equal(xg.grad, xs.grad)
+    assert not AttackView(model, "final", "state:8:9:0.5").shared
+    assert not AttackView(model, "state:8", estimator).shared
+
+
+@pytest.mark.parametrize("estimator", ["state:3:2:1", "exact", "unroll:9:0.5"])
+def test_surrogate_forward_gives_the_estimators_logits_and_the_deployed_rows_on_demand(estimator):
+    model = _paper_toy(tol=0.0)  # 8 steps for everyone: exact counts
+    x = inputs(6)
+    view = AttackView(model, "final", estimator)
+    logits, deployed = view.surrogate_forward(x.clone().requires_grad_(True))
+    assert logits.requires_grad
+    with torch.no_grad():
+        u = model.inject(x)
+        traj = solve_model(model, u, SolverSettings.from_deploy(model.deploy), keep=view.keep)
+        assert torch.equal(logits.detach(), parse_estimator(estimator).surrogate(model, u, traj))
+    rows = torch.tensor([4, 1])
+    with count_f_evals(model) as count:
+        assert torch.equal(deployed(rows), model(x)[rows])
+    # the rows asked for (re-solved in full after a solve stopped at the estimator's state), then model(x)
+    assert count.rows == {"state:3:2:1": 2 * 19, "exact": 2 * 10, "unroll:9:0.5": 0}[estimator] + 6 * 19

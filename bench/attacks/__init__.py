@@ -15,7 +15,7 @@ This module imports none of them, so they can all import it without cycles.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -43,6 +43,9 @@ class AttackResult:
     warnings: list[str] = field(default_factory=list)
     forwards: int = 0  # example-forwards: rows that went through the model
     backwards: int = 0  # example-backwards: rows whose logits received a gradient
+    # the attack left its last iterate's success to the caller's re-check (it claims only earlier
+    # iterates): not claiming a row that the re-check finds broken is then no discrepancy
+    last_iterate_unjudged: bool = False
 
 
 class Attack(ABC):
@@ -82,6 +85,19 @@ class CallCounter(nn.Module):
         if out.requires_grad:
             out.register_hook(self._count_backward)
         return out
+
+    @property
+    def has_surrogate(self) -> bool:
+        """True when the model offers `surrogate_forward` (a DEQ's AttackView)."""
+        return callable(getattr(self.model, "surrogate_forward", None))
+
+    def surrogate_forward(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The model's (estimator logits, deployed(rows)) pair, counted like a forward."""
+        logits, deployed = self.model.surrogate_forward(x)
+        self.forwards += int(x.shape[0])
+        if logits.requires_grad:
+            logits.register_hook(self._count_backward)
+        return logits, deployed
 
     def _count_backward(self, g: Tensor) -> None:
         self.backwards += int(g.shape[0])

@@ -104,6 +104,18 @@ def _capped_targets(family: str, targets: int, n_classes: int) -> int:
     return min(targets, n_classes - 1)
 
 
+class _InDtype(nn.Module):
+    """pyautoattack computes in float32 (it calls `.float()` on its inputs): the model gets its input back
+    in its own dtype, and pyautoattack gets float32 logits. Used only for models that are not float32."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+
 class _PyAutoAttack(Attack):
     """Runs one pyautoattack attack object per call, under the RNG, grad and logging discipline above."""
 
@@ -112,7 +124,7 @@ class _PyAutoAttack(Attack):
         raise NotImplementedError
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, seeds: Tensor) -> AttackResult:
-        counter = CallCounter(model)
+        counter = CallCounter(model if x.dtype == torch.float32 else _InDtype(model, x.dtype))
         x, y = x.detach(), y.detach().to(x.device)
         seed = batch_seed(seeds.detach().to("cpu", torch.int64))
         start = time.perf_counter()
@@ -122,7 +134,7 @@ class _PyAutoAttack(Attack):
             frozen_parameters(model),
             torch.no_grad(),
         ):
-            x_adv = self._run(counter, x, y, seed).detach().to(x.dtype)
+            x_adv = self._run(counter, x.float(), y, seed).detach().to(x.dtype)  # .float(): as it computes
         synchronize(x.device)
         seconds = time.perf_counter() - start
         # pyautoattack returns the clean input wherever it failed, so "changed" is its claim of success

@@ -1,7 +1,9 @@
 """Attack spec strings: one short, documented string per attack configuration.
 
-* `pgd`, `pgd:STEPS`, `pgd:STEPS:LOSS`, `pgd:STEPS:LOSS:RESTARTS`: our PGD with step eps/4 and a random
-  start; LOSS is ce, dlr or margin; `pgd` = `pgd:10:ce:1`. `pgd-STEPS` is the papers' name for
+* `pgd`, `pgd:STEPS`, `pgd:STEPS:LOSS`, `pgd:STEPS:LOSS:RESTARTS`, `pgd:STEPS:LOSS:RESTARTS:ON`: our PGD
+  with step eps/4 and a random start; LOSS is ce, dlr or margin; ON says which logits the loss is on:
+  `deployed` (default) or `estimator` (the papers' way, success confirmed on the deployed prediction; see
+  bench.attacks.pgd); `pgd` = `pgd:10:ce:1:deployed`. `pgd-STEPS` is the papers' name for
   `pgd:STEPS` (`pgd-10` is their preset).
 * `apgd-ce`, `apgd-ce:N_ITER`, `apgd-ce:N_ITER:RESTARTS`: APGD on CE (default 100 iterations, 1 restart).
 * `apgd-dlr[:N_ITER[:RESTARTS]]`: APGD on the untargeted DLR loss (in AutoAttack's 'plus' version).
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 from bench.attacks import Attack
 from bench.attacks.autoattack import APGD, APGDT, FABT, Square
-from bench.attacks.pgd import PGD, PGD_LOSSES
+from bench.attacks.pgd import LOSS_SOURCES, PGD, PGD_LOSSES
 from bench.errors import BenchError, did_you_mean
 
 STANDARD_AA = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -39,19 +41,24 @@ def _ints(spec: str, fields: list[str], names: list[str]) -> list[int]:
 
 
 def _pgd(spec: str, fields: list[str], eps: float) -> Attack:
-    if len(fields) > 3:
-        raise BenchError(f"attack spec {spec!r} has too many fields; expected pgd:STEPS:LOSS:RESTARTS")
+    if len(fields) > 4:
+        raise BenchError(f"attack spec {spec!r} has too many fields; expected pgd:STEPS:LOSS:RESTARTS:ON")
+    if len(fields) > 3 and fields[3] not in LOSS_SOURCES:
+        raise BenchError(
+            f"attack spec {spec!r}: the loss is on {' or '.join(LOSS_SOURCES)} logits, got {fields[3]!r}"
+        )
     steps = _ints(spec, fields[:1], ["STEPS"])
     if len(fields) > 1 and fields[1] not in PGD_LOSSES:
         raise BenchError(
             f"attack spec {spec!r}: unknown loss {fields[1]!r}{did_you_mean(fields[1], PGD_LOSSES)}"
         )
-    restarts = _ints(spec, fields[2:], ["RESTARTS"])
+    restarts = _ints(spec, fields[2:3], ["RESTARTS"])
     return PGD(
         eps,
         steps=steps[0] if steps else 10,
         loss=fields[1] if len(fields) > 1 else "ce",
         restarts=restarts[0] if restarts else 1,
+        loss_on=fields[3] if len(fields) > 3 else LOSS_SOURCES[0],
     )
 
 

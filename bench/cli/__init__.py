@@ -140,6 +140,13 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Base seed of every attack's randomness.")] = 0,
     results_dir: Annotated[str, typer.Option(help="Where run records go.")] = "results",
     n_dev: Annotated[int | None, typer.Option(help="Development examples for the estimator sweep.")] = None,
+    sweep: Annotated[
+        str,
+        typer.Option(
+            help="White-box sweep: full (every candidate with the sweep's PGD) | halving (every candidate "
+            "with PGD-2, the best third with the sweep's PGD)."
+        ),
+    ] = "full",
     force: Annotated[bool, typer.Option(help="Recompute even if an identical finished run exists.")] = False,
     save_adversarial: Annotated[
         bool, typer.Option(help="Store the worst-case adversarial examples (RobustBench format).")
@@ -179,6 +186,7 @@ def evaluate(
         seed=seed,
         results_dir=results_dir,
         n_dev=n_dev,
+        sweep=sweep,
         force=force,
         save_adversarial=save_adversarial,
         quiet=quiet,

@@ -92,6 +92,11 @@ class Estimator(ABC):
         """1-based solver states this estimator reads (must be kept in the trajectory)."""
         return set()
 
+    @property
+    def reads_result(self) -> bool:
+        """False when only intermediate states are read: a solve may then stop at max(needed_states())."""
+        return True
+
     def check_steps(self, max_iter: int) -> None:
         """Raise BenchError when the solve will not produce the states this estimator needs."""
         need = self.needed_states()
@@ -99,6 +104,11 @@ class Estimator(ABC):
             raise BenchError(
                 f"estimator {self.spec!r} needs state {max(need)} but the solver runs {max_iter} steps"
             )
+
+    def shares_value(self, deploy: Any) -> bool:
+        """True when head(surrogate state) is computed by exactly the deployed refinement's operations
+        (same start, same f applications): the surrogate's value is then the deployed prediction."""
+        return False
 
     def cost(self) -> dict[str, int]:
         return {
@@ -126,6 +136,12 @@ class _HookedEstimator(Estimator):
 
     def anchor(self, traj: Trajectory) -> Tensor:
         return traj.result
+
+    def shares_value(self, deploy: Any) -> bool:
+        """head(f(z*)): the deployed prediction when it is f(z*) alone (the papers' "real" readout)."""
+        return (
+            type(self).anchor is _HookedEstimator.anchor and deploy.refine_apply_f and not deploy.refine_steps
+        )
 
     @abstractmethod
     def backward(self, model: Any, u: Any, traj: Trajectory, a: Tensor) -> Tensor:
@@ -224,6 +240,10 @@ class SimultaneousAdjoint(_HookedEstimator):
     def needed_states(self) -> set[int]:
         return set(range(1, self.t + 1))
 
+    @property
+    def reads_result(self) -> bool:
+        return False
+
     def anchor(self, traj: Trajectory) -> Tensor:
         return traj.state(self.t)
 
@@ -251,6 +271,16 @@ class Unroll(Estimator):
 
     def needed_states(self) -> set[int]:
         return set() if self.t is None else {self.t}
+
+    @property
+    def reads_result(self) -> bool:
+        return self.t is None
+
+    def shares_value(self, deploy: Any) -> bool:
+        """From z*, f then the deployed number of damped steps with the deployed lambda."""
+        if self.t is not None or not deploy.refine_apply_f or self.steps != deploy.refine_steps:
+            return False
+        return self.steps == 0 or self.lam == deploy.refine_lambda
 
     def surrogate(self, model: Any, u: Any, traj: Trajectory) -> Tensor:
         start = traj.result if self.t is None else traj.state(self.t)

@@ -28,7 +28,11 @@ GRAMMAR = "final | state:t | ensemble-state | ensemble-logit (t >= 1)"
 
 
 def solve_model(
-    model: Any, u: Any, settings: SolverSettings, keep: Collection[int] | None = None
+    model: Any,
+    u: Any,
+    settings: SolverSettings,
+    keep: Collection[int] | None = None,
+    evaluate_last: bool = True,
 ) -> Trajectory:
     """Solve a DEQ's fixed point for injection u (no grad; begin_forward must already have been called).
 
@@ -43,6 +47,7 @@ def solve_model(
         stop_mode=settings.stop_mode,
         keep=keep,
         per_example=settings.per_example,
+        evaluate_last=evaluate_last,
     )
     if model.training:
         return solve(lambda z: model.f(z, u), z0, **common)

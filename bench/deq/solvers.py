@@ -6,10 +6,13 @@ evaluates f(z[t]) and records the residual ||f(z[t]) - z[t]||. Cost: 1 + (steps 
 
 Per example (the default) every decision is taken per row: the residual norms, the stopping test, the
 lowest-residual pick and Broyden's protective break. A row that stops is frozen (its state and residual
-repeat) and, when `u` is given, f is evaluated on the still-active rows only. Every reduction over the
-state is a pairwise sum built from elementwise adds (`rowsum`), so a row's numbers are bit-identical
-whether it is solved alone or in any batch, provided f itself is per example (torch's matmul, bmm and sum
-kernels take a different path for one row than for several, so they are avoided). `per_example=False`
+repeat) and, when `u` is given, f is evaluated on the still-active rows only. Norms and the per-step
+scalars are pairwise sums built from elementwise adds (`rowsum`); the low-rank products of Broyden and
+Anderson (n history vectors against one vector) are batched matrix products (`_bmm`, a batch of one padded
+to two, since torch takes another kernel path for a single matrix). A row's numbers are then the same
+whether it is solved alone or in any batch up to a tested tolerance of 1e-6 relative (bit-identical in
+our CPU tests, but not promised: BLAS may block a batched product differently), provided f itself is per
+example. `per_example=False`
 reproduces the papers' batch-global solver: norms over the whole batch tensor, one stop and one
 lowest-residual step for all (DeployConfig.batching = "papers", which also switches the `exact`
 estimator's backward solve and the entropy-reduction defense; docs/fidelity.md). The first iterate
@@ -79,31 +82,32 @@ def _rowsum_consuming(x: Tensor) -> Tensor:
     return x[..., 0]
 
 
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """torch.bmm, with a batch of one padded to two: torch takes another kernel path for a single matrix,
+    whose rounding differs from the batched one; from two on, a row's product does not depend on the batch
+    in our tests (CPU), and the solvers' batch independence is tested to 1e-6 relative (docs)."""
+    if a.shape[0] == 1:
+        return torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))[:1]
+    return torch.bmm(a, b)
+
+
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
-    return _rowsum_consuming(a * b)
+    """(B,) dot products of the rows of a and b (B, D): one batched matrix product (see `_bmm`)."""
+    return _bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
 def rownorm(x: Tensor) -> Tensor:
-    return _rowsum_consuming(x * x).sqrt()
+    return rowdot(x, x).sqrt()
 
 
 def _dots(vectors: Tensor, x: Tensor) -> Tensor:
-    """(B, n) dot products of vectors (B, n, D) with x (B, D).
-
-    On CPU one (B, D) product at a time (cache-sized temporaries, ~einsum speed); on GPU all at once
-    (fewer kernel launches). Both reduce every row with the same pairwise pattern, so the bits agree.
-    """
-    if vectors.is_cuda or vectors.shape[1] <= 1:
-        return _rowsum_consuming(vectors * x[:, None])
-    return torch.stack([rowdot(vectors[:, j], x) for j in range(vectors.shape[1])], dim=1)
+    """(B, n) dot products of vectors (B, n, D) with x (B, D), as one batched matrix product."""
+    return _bmm(vectors, x[:, :, None])[:, :, 0]
 
 
 def _combine(coef: Tensor, vectors: Tensor) -> Tensor:
-    """sum_j coef[b, j] * vectors[b, j] for coef (B, n) and vectors (B, n, D), accumulated in order j."""
-    out = coef[:, 0, None] * vectors[:, 0]
-    for j in range(1, vectors.shape[1]):
-        out += coef[:, j, None] * vectors[:, j]
-    return out
+    """sum_j coef[b, j] * vectors[b, j] for coef (B, n) and vectors (B, n, D), one batched product."""
+    return _bmm(coef[:, None, :], vectors)[:, 0]
 
 
 def _zero_nonfinite(x: Tensor) -> Tensor:
@@ -336,12 +340,15 @@ def solve(
     anderson_m: int = 6,
     anderson_lam: float = 1e-4,
     anderson_beta: float = 1.0,
+    evaluate_last: bool = True,
 ) -> Trajectory:
     """Solve z = f(z) from z0 (B, D) and return the full Trajectory of `max_iter` states.
 
     f is called as f(z) when `u` is None, else as f(z, u) with u's rows matching z's: then f is evaluated
     on the active rows only (pass u only when f is per example, e.g. a DEQ in eval mode). `keep` lists the
     1-based states to store (None: all). `damping` is the lambda of z <- (1-lambda) z + lambda f(z).
+    `evaluate_last=False` (for callers that read states only, max_iter >= 2) skips f(z[T]): z[T] needs
+    only f(z[T-1]), so it costs one f less; z[T]'s residuals then repeat z[T-1]'s and it is never `result`.
     """
     _validate(method, max_iter, tol, stop_mode, damping, anderson_m)
     if z0.dim() != 2:
@@ -360,7 +367,7 @@ def solve(
         stepper = _FixedPoint()
     rule = StopRule(tol, stop_mode, per_example, broyden_guards=method == "broyden")
     with torch.no_grad():
-        return _iterate(_Evaluator(f, u), stepper, rule, z0, max_iter, kept)
+        return _iterate(_Evaluator(f, u), stepper, rule, z0, max_iter, kept, evaluate_last or max_iter < 2)
 
 
 class StopRule:
@@ -435,7 +442,13 @@ class StopRule:
 
 
 def _iterate(
-    evaluate: _Evaluator, stepper: Any, rule: StopRule, z0: Tensor, max_iter: int, kept: set[int]
+    evaluate: _Evaluator,
+    stepper: Any,
+    rule: StopRule,
+    z0: Tensor,
+    max_iter: int,
+    kept: set[int],
+    evaluate_last: bool = True,
 ) -> Trajectory:
     """The shared schedule: propose z[t], evaluate f on active rows, record, decide, freeze."""
     batch, device = z0.shape[0], z0.device
@@ -451,6 +464,10 @@ def _iterate(
     fz = evaluate(z0, None, active)
     for t in range(1, max_iter + 1):
         z = torch.where(active[:, None], stepper.step(z, fz, active), z)
+        if t == max_iter and not evaluate_last:  # only z[T] is wanted, not its residual
+            abs_res[:, t - 1], rel_res[:, t - 1] = abs_res[:, t - 2], rel_res[:, t - 2]
+            states.append(z if t in kept else None)
+            break
         fz = evaluate(z, fz, active)
         abs_t, fz_norm = rownorm(fz - z), rownorm(fz)
         abs_res[:, t - 1] = abs_t

@@ -51,6 +51,21 @@ class Trajectory:
             raise BenchError(f"state {t} was not kept by the solve; pass it in `keep`")
         return z
 
+    def rows(self, index: Tensor) -> Trajectory:
+        """The trajectory of the examples `index` (a 1-D index tensor), as if they had been solved alone."""
+        return Trajectory(
+            states=[None if z is None else z[index] for z in self.states],
+            abs_residual=self.abs_residual[index],
+            rel_residual=self.rel_residual[index],
+            nsteps=self.nsteps[index],
+            lowest_index=self.lowest_index[index],
+            result=self.result[index],
+            diverged=self.diverged[index],
+            f_evals=self.f_evals,
+            initial=self.initial[index],
+            stop_mode=self.stop_mode,
+        )
+
     def residual(self, mode: str | None = None) -> Tensor:
         """(B,) residual of the returned iterate `result` (stop mode unless `mode` says 'abs' or 'rel')."""
         table = self.rel_residual if (mode or self.stop_mode) == "rel" else self.abs_residual

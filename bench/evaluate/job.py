@@ -156,7 +156,7 @@ def _run_batches(
         if options.stop_after_batches is not None and len(ran) >= options.stop_after_batches:
             raise BenchError(f"stopped after {len(ran)} batches (as asked)")
         sl = slice(batches[b].start, batches[b].stop)
-        batch = Batch(data.x[sl].to(views.device), data.y[sl].to(views.device), data.indices[sl], b == 0)
+        batch = Batch(views.inputs(data.x[sl]), data.y[sl].to(views.device), data.indices[sl], b == 0)
         result = run_batch(views, plan, selection, batch, spec.seed, reporter)
         if spec.save_adversarial:
             worst = {r: t.cpu() for r, t in result["worst"].items()}

@@ -9,6 +9,7 @@ independent of each other, so each reports its own robust accuracy (the papers' 
                 (what earlier work reported; for a DEQ the gradient it was trained with)
     white-box   the papers' protocol made automatic: a cheap PGD sweep over estimators on a development
                 subset picks the strongest per readout; PGD and the AutoAttack components then use them
+                (`--sweep halving`: every candidate with PGD-2 first, the best third with the sweep's PGD)
     quick       a small white-box configuration for CI and smoke runs
     full        ready-made and white-box together
     lite        full at CPU budgets: PGD-10, and APGD-CE 20, APGD-T 20 x 3 targets, FAB-T 20 x 3 targets,
@@ -34,6 +35,17 @@ class SweepConfig:
     n_dev: int
     top_k: int
     candidates: tuple[str, ...]
+    # "full": every candidate attacked with `attack`; "halving": every candidate with HALVING_SHORT first,
+    # then the best third (at least 2 top_k) with `attack`, and the choice made among those
+    schedule: str = "full"
+
+
+HALVING_SHORT = "pgd:2"  # the first round of the successive-halving sweep
+
+
+def halving_keep(n_candidates: int, top_k: int) -> int:
+    """How many candidates the halving sweep's first round passes on to the full attack."""
+    return min(n_candidates, max(2 * top_k, -(-n_candidates // 3)))
 
 
 @dataclass(frozen=True)
@@ -112,24 +124,29 @@ def build_plan(spec: RunSpec, *, is_deq: bool, max_iter: int, ready_made_estimat
                 n_dev=spec.n_dev if spec.n_dev is not None else default_n_dev(suite),
                 top_k=1 if quick else 2,
                 candidates=candidates,
+                schedule=spec.sweep,
             )
             protocols.append(Protocol("white-box", groups, sweep=sweep))
     return Plan(suite=suite, protocols=tuple(protocols), readouts=readouts_t)
 
 
 def protocol_dict(p: Protocol) -> dict[str, object]:
-    return {
-        "name": p.name,
-        "groups": {g: list(a) for g, a in p.groups.items()},
-        "estimators": list(p.estimators),
-        "sweep": None
-        if p.sweep is None
-        else {
+    sweep: dict[str, object] | None = None
+    if p.sweep is not None:
+        sweep = {
             "attack": p.sweep.attack,
             "n_dev": p.sweep.n_dev,
             "top_k": p.sweep.top_k,
             "candidates": list(p.sweep.candidates),
-        },
+        }
+        if p.sweep.schedule != "full":  # only then: the full sweep's run ids stay what they were
+            keep = halving_keep(len(p.sweep.candidates), p.sweep.top_k)
+            sweep["schedule"] = {"name": p.sweep.schedule, "first_round": HALVING_SHORT, "keep": keep}
+    return {
+        "name": p.name,
+        "groups": {g: list(a) for g, a in p.groups.items()},
+        "estimators": list(p.estimators),
+        "sweep": sweep,
     }
 
 

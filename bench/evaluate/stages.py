@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bench.attacks import Attack
 from bench.attacks.orchestrator import run_attacks
 from bench.attacks.specs import parse_attack
 from bench.data import ExampleSet
 from bench.distributed import Shard, wait_for
 from bench.evaluate.execute import Selection, example_seeds
-from bench.evaluate.plan import Plan, Protocol, protocol_dict, views_of
+from bench.evaluate.plan import HALVING_SHORT, Plan, Protocol, halving_keep, protocol_dict, views_of
 from bench.evaluate.views import Views
 from bench.progress import Reporter
 from bench.records.store import RunStore, SweepCache, set_aside
@@ -97,7 +98,7 @@ def select_early_state(
     size = spec.batch_size
     reporter.start("early-state selection", (len(dev) + size - 1) // size)
     for start in range(0, len(dev), size):
-        x = dev.x[start : start + size].to(views.device)
+        x = views.inputs(dev.x[start : start + size])
         y = dev.y[start : start + size].to(views.device)
         seeds = example_seeds(spec.seed, "early-state", dev.indices[start : start + size])
         everyone = torch.ones(len(x), dtype=torch.bool, device=x.device)
@@ -132,6 +133,31 @@ def rank_candidates(rows: list[dict[str, Any]], top_k: int) -> tuple[list[int], 
     return chosen, "margin" if last["mean_margin"] != runner_up["mean_margin"] else "order"
 
 
+def _sweep_row(
+    views: Views, attack: Attack, est: str, readout: str, dev: ExampleSet, spec: RunSpec, key: str
+) -> dict[str, Any]:
+    """One candidate's dev robust accuracy and mean margin (deployed prediction, after `attack`)."""
+    module = views.module(ViewSpec(readout, est))
+    x_all, y_all = views.inputs(dev.x), dev.y.to(views.device)
+    robust_total, margin_total = 0, 0.0
+    for start in range(0, len(dev), spec.batch_size):
+        sl = slice(start, start + spec.batch_size)
+        x, y = x_all[sl], y_all[sl]
+        with torch.no_grad():
+            correct = module(x).argmax(1) == y
+        seeds = example_seeds(spec.seed, key, dev.indices[sl])
+        res = run_attacks(module, x, y, [attack], seeds, clean_correct=correct, checks=False)
+        result = res.results[attack.name]
+        robust_total += int((correct & ~result.broken).sum())
+        with torch.no_grad():
+            margin_total += float(margins(module(result.x_adv), y).sum())
+    return {
+        "estimator": est,
+        "robust_acc": 100.0 * robust_total / len(dev),
+        "mean_margin": round(margin_total / len(dev), 6),
+    }
+
+
 def select_estimators(
     views: Views,
     protocol: Protocol,
@@ -143,42 +169,39 @@ def select_estimators(
     """The white-box sweep: PGD on the development set with every candidate estimator, per readout.
 
     Each candidate's dev robust accuracy and mean margin (deployed prediction, after the attack; every dev
-    example counts) are kept; `rank_candidates` picks the `top_k` and says what decided the choice.
+    example counts) are kept; `rank_candidates` picks the `top_k` and says what decided the choice. With
+    the `halving` schedule every candidate first meets HALVING_SHORT; the best `halving_keep` of them
+    (ranked the same way) meet the sweep's attack, and the choice is made among those (rows say `round`).
     """
     sweep = protocol.sweep
     assert sweep is not None
     attack = parse_attack(sweep.attack, views.eps)
-    x_all, y_all = dev.x.to(views.device), dev.y.to(views.device)
     chosen: dict[str, list[str]] = {}
     table: dict[str, Any] = {}
     decided: dict[str, str] = {}
     for readout in readouts:
+        candidates = list(sweep.candidates)
+        first: list[dict[str, Any]] = []
+        if sweep.schedule == "halving":
+            short = parse_attack(HALVING_SHORT, views.eps)
+            for est in candidates:
+                first.append(
+                    {
+                        **_sweep_row(views, short, est, readout, dev, spec, f"sweep-1|{est}|{readout}"),
+                        "round": 1,
+                    }
+                )
+                reporter.advance(f"sweep {est} {readout} (round 1)", 0, len(dev))
+            kept, _ = rank_candidates(first, halving_keep(len(candidates), sweep.top_k))
+            candidates = [candidates[i] for i in sorted(kept)]  # candidate order kept: it breaks last ties
         rows = []
-        for est in sweep.candidates:
-            module = views.module(ViewSpec(readout, est))
-            robust_total, margin_total = 0, 0.0
-            for start in range(0, len(dev), spec.batch_size):
-                sl = slice(start, start + spec.batch_size)
-                x, y = x_all[sl], y_all[sl]
-                with torch.no_grad():
-                    correct = module(x).argmax(1) == y
-                seeds = example_seeds(spec.seed, f"sweep|{est}|{readout}", dev.indices[sl])
-                res = run_attacks(module, x, y, [attack], seeds, clean_correct=correct, checks=False)
-                result = res.results[attack.name]
-                robust_total += int((correct & ~result.broken).sum())
-                with torch.no_grad():
-                    margin_total += float(margins(module(result.x_adv), y).sum())
-            rows.append(
-                {
-                    "estimator": est,
-                    "robust_acc": 100.0 * robust_total / len(dev),
-                    "mean_margin": round(margin_total / len(dev), 6),
-                }
-            )
-            reporter.advance(f"sweep {est} {readout}", robust_total, len(dev))
+        for est in candidates:
+            row = _sweep_row(views, attack, est, readout, dev, spec, f"sweep|{est}|{readout}")
+            rows.append({**row, "round": 2} if first else row)
+            reporter.advance(f"sweep {est} {readout}", round(row["robust_acc"] * len(dev) / 100), len(dev))
         picked, decided[readout] = rank_candidates(rows, sweep.top_k)
         chosen[readout] = [rows[i]["estimator"] for i in picked]
-        table[readout] = rows
+        table[readout] = first + rows
     return chosen, table, decided
 
 
@@ -211,7 +234,10 @@ def cached_sweep(
             stage = None
     if stage is None:
         assert protocol.sweep is not None
-        reporter.start("white-box sweep", len(protocol.sweep.candidates) * len(readouts))
+        n = len(protocol.sweep.candidates)
+        if protocol.sweep.schedule == "halving":
+            n += halving_keep(n, protocol.sweep.top_k)
+        reporter.start("white-box sweep", n * len(readouts))
         chosen, table, decided = select_estimators(views, protocol, readouts, dev, spec, reporter)
         stage = {"chosen": chosen, "table": table, "decided_by": decided, "key": key}
         sweeps.save(key, stage)

@@ -41,6 +41,12 @@ class Views:
         self.is_deq = is_deq(model)
         self.states = dict(states or {})  # readout name -> the readout it stands for ("early" -> "state:t")
         self._modules: dict[ViewSpec, nn.Module] = {}
+        # inputs follow the model's floating dtype (data sets are stored in float32)
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """Images on the model's device, in its floating dtype: the form every attack and pass gets."""
+        return x.to(device=self.device, dtype=self.dtype)
 
     def with_states(self, states: Mapping[str, str]) -> Views:
         """The same model's views with named readouts resolved (the dev set's early state)."""
