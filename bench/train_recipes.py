@@ -11,6 +11,10 @@ Presets are the starting point; any option given explicitly on the command line 
   shown there with TRADES; use --method trades for that variant).
 * `fmnist-tiny-deq` / `fmnist-tiny-deq-ris` / `fmnist-tiny-resnet`: the CPU recipes of the shipped
   Fashion-MNIST checkpoints (checkpoints/README.md), eps 0.1.
+* `fmnist-tiny-deq-exact`: `fmnist-tiny-deq` trained with the exact implicit gradient (the NeurIPS 2022
+  paper's "real" training: Broyden adjoint, 7 steps, tol 1e-3) and deployed as those models are, final
+  state f(z*) without damped refinement, with a 3-step forward budget. The obfuscation test subject of
+  issue #17.
 """
 
 from __future__ import annotations
@@ -76,6 +80,18 @@ FMNIST_TINY_DEQ: dict[str, Any] = {
     "jac_weight": 0.4,
 }
 
+# Exact-trained DEQs deploy f(z*) (the papers' "real" path): no damped refinement after it. Three Broyden
+# steps leave the fixed point unconverged (rel. residual ~0.25 in the 300-iteration pilot, ~0.04 with six),
+# the regime in which the NeurIPS paper saw the exact gradient misaligned with the forward.
+# train_unroll_steps / train_lambda are inherited but unused: the recipe's grad says it is exact-trained.
+TINY_DEQ_EXACT_DEPLOY: dict[str, Any] = {**TINY_DEQ_DEPLOY, "max_iter": 3, "refine_steps": 0}
+
+FMNIST_TINY_DEQ_EXACT: dict[str, Any] = {
+    **FMNIST_TINY_DEQ,
+    "deploy": TINY_DEQ_EXACT_DEPLOY,
+    "grad": "exact",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-deq-large": {**PAPER_DEQ, "architecture": "mdeq", "config": {"preset": "large"}},
     "paper-deq-xl": {**PAPER_DEQ, "architecture": "mdeq", "config": {"preset": "xl"}},
@@ -87,6 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "fmnist-tiny-deq": FMNIST_TINY_DEQ,
     "fmnist-tiny-deq-ris": {**FMNIST_TINY_DEQ, "random_state": True},
+    "fmnist-tiny-deq-exact": FMNIST_TINY_DEQ_EXACT,
     "fmnist-tiny-resnet": {
         **FMNIST_TINY,
         "architecture": "small-resnet",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The exact commands that produced checkpoints/{deq-tiny,deq-tiny-ris,resnet-tiny}.safetensors
+# The exact commands that produced checkpoints/{deq-tiny,deq-tiny-ris,deq-tiny-exact,resnet-tiny}.safetensors
 # (recipes: bench/train_recipes.py, presets fmnist-tiny-*; provenance: checkpoints/README.md).
-# Each run uses one CPU thread; the three runs were started side by side.
+# Each run uses one CPU thread; the first three runs were started side by side (`all`), deq-tiny-exact alone later.
 # Training states and logs go to scratch/ (git-ignored); rerun a command with --resume to continue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +20,12 @@ case "${1:-all}" in
     deq-tiny) run deq-tiny fmnist-tiny-deq "${@:2}" ;;
     deq-tiny-ris) run deq-tiny-ris fmnist-tiny-deq-ris "${@:2}" ;;
     resnet-tiny) run resnet-tiny fmnist-tiny-resnet "${@:2}" ;;
+    deq-tiny-exact) run deq-tiny-exact fmnist-tiny-deq-exact "${@:2}" ;;
     all)
         run deq-tiny fmnist-tiny-deq &
         run deq-tiny-ris fmnist-tiny-deq-ris &
         run resnet-tiny fmnist-tiny-resnet &
         wait
         ;;
-    *) echo "usage: $0 [all|deq-tiny|deq-tiny-ris|resnet-tiny] [extra bench train options]" >&2; exit 2 ;;
+    *) echo "usage: $0 [all|deq-tiny|deq-tiny-ris|resnet-tiny|deq-tiny-exact] [extra bench train options]" >&2; exit 2 ;;
 esac
