@@ -10,13 +10,10 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 B="nice -n 15 .venv/bin/bench"
 R=final,early,ensemble-state
-$B evaluate --model resnet-tiny --suite lite --n-examples 1000 --quiet
-for m in deq-tiny deq-tiny-ris; do
+for m in deq-tiny deq-tiny-ris deq-tiny-exact; do
   $B evaluate --model "$m" --suite lite --n-examples 1000 --readouts "$R" --quiet
 done
-if .venv/bin/bench models --json | grep -q '"deq-tiny-exact"'; then
-  $B evaluate --model deq-tiny-exact --suite lite --n-examples 1000 --readouts "$R" --quiet
-fi
+$B evaluate --model resnet-tiny --suite lite --n-examples 1000 --quiet
 for m in deq-tiny deq-tiny-ris; do
   $B evaluate --model "$m" --suite lite --n-examples 200 --readouts "$R" --defense entropy-reduction --quiet
 done
