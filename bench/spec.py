@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
-from enum import Enum, StrEnum
+from dataclasses import dataclass, fields
+from enum import StrEnum
 from fractions import Fraction
 from typing import Any
 
@@ -269,7 +269,6 @@ class EvalConfig:
     stop_after_batches: int | None = None
     shard: str | None = None
     shard_timeout: float = DEFAULT_SHARD_TIMEOUT_S
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def parse(self) -> tuple[RunSpec, RunOptions]:
         """Validate every input; BenchError (one line) on the first bad one, before any work."""
@@ -347,12 +346,3 @@ class EvalConfig:
             stop_after_batches=self.stop_after_batches,
         )
         return spec, options
-
-
-def with_options(options: RunOptions, **changes: Any) -> RunOptions:
-    return replace(options, **changes)
-
-
-def spec_dict(obj: Any) -> dict[str, Any]:
-    """Plain data of a frozen spec dataclass (enums as values)."""
-    return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(obj).items()}

@@ -93,7 +93,7 @@ def _run(
             spec,
             options,
             setup.dev,
-            _ready_made(setup),
+            setup.ready_made,
             setup.identity,
             store,
             shard,
@@ -112,12 +112,6 @@ def _run(
             return done, store.final_path, True
         raise BenchError(f"run {run_id}: stage files vanished while assembling the record")
     return document, store.final_path, False
-
-
-def _ready_made(setup: Setup) -> str:
-    from bench.evaluate.setup import ready_made_estimator
-
-    return ready_made_estimator(setup.loaded)
 
 
 def _run_batches(

@@ -19,7 +19,7 @@ independent of each other, so each reports its own robust accuracy (the papers' 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bench.attacks.specs import STANDARD_AA
 from bench.defenses.view import BPTT
@@ -61,7 +61,6 @@ class Plan:
     suite: str
     protocols: tuple[Protocol, ...]
     readouts: tuple[str, ...]
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def white_box_candidates(max_iter: int, level: str) -> tuple[str, ...]:

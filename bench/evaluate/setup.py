@@ -95,6 +95,7 @@ class Setup:
     data: ExampleSet
     dev: ExampleSet | None
     plan: Plan
+    ready_made: str  # the model's own gradient: the ready-made protocol's and the early-state selection's
     identity: dict[str, Any]  # hashed into the run id
     provenance: dict[str, Any]
 
@@ -178,7 +179,7 @@ def prepare(spec: RunSpec, options: RunOptions, device: torch.device) -> Setup:
         "git_commit": _git_commit(),
         "defense_cost_per_example": spec.defense.cost() if spec.defense is not None else None,
     }
-    return Setup(loaded, views, data, dev, plan, identity, provenance)
+    return Setup(loaded, views, data, dev, plan, ready_made, identity, provenance)
 
 
 def _validate_plan(views: Views, plan: Plan) -> None:
