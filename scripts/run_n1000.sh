@@ -4,7 +4,8 @@
 # dev set's early state and the state ensemble; the DEQs also with input entropy reduction on the first 200
 # images (the defended forward costs ~10x an undefended one; stated as n = 200 in the records and tables).
 # One thread, niced: it shares the machine. Runs resume from their last finished batch, so the script can
-# be killed and re-run (or run across sessions: keep results/.partial/); finished runs are reused.
+# be killed and re-run; across sessions, commit results/.partial/<run_id>/ (it is tracked, only the lock
+# files are ignored) and re-run in the next checkout. Finished runs are reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
