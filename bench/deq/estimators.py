@@ -7,8 +7,9 @@ gradient only flows through the f applications recomputed here. Spec strings:
 
     exact | exact:T:tol     implicit gradient. Surrogate head(y), y = f(z*). A hook on y replaces the
                             incoming gradient a by w solving w = J^T w + a (J = df/dz at z*), found by
-                            Broyden (T steps, rel. tol, lowest residual, from w = 0) with VJPs on a detached
-                            copy f(z*_copy); w then flows through the single f(z*) to x. `exact` is the
+                            Broyden (T steps, rel. tol, lowest residual, from w = 0) with VJPs on y's own
+                            graph (y = f(z*_leaf, u), z*_leaf a detached leaf, differentiated w.r.t. z*_leaf
+                            only); w then flows through the single f(z*) to x. `exact` is the
                             papers' backward solver, exact:7:0.001 (B_THRES = 7, eps 1e-3). The backward
                             solve batches as the forward one did (Trajectory.per_example, from
                             DeployConfig.batching): per example, each row's w is its own lowest-residual
@@ -144,14 +145,40 @@ class _HookedEstimator(Estimator):
         )
 
     @abstractmethod
-    def backward(self, model: Any, u: Any, traj: Trajectory, a: Tensor) -> Tensor:
-        """The gradient to send into y = f(z_anchor, u) in place of a."""
+    def backward(
+        self, jt: Callable[[Tensor], Tensor], model: Any, u: Any, traj: Trajectory, a: Tensor
+    ) -> Tensor:
+        """The gradient to send into y = f(z_anchor, u) in place of a; jt(w) = J^T w at the anchor."""
 
     def surrogate(self, model: Any, u: Any, traj: Trajectory) -> Tensor:
-        y = model.f(self.anchor(traj), u)
-        if y.requires_grad:
-            y.register_hook(lambda a: self.backward(model, u, traj, a))
-        return model.head(y)
+        """head(y), y = f(z_leaf, u) on a detached leaf copy of the anchor state, a replaced by backward(a).
+
+        The VJPs with J at the anchor reuse this same graph, differentiated w.r.t. z_leaf only (as the
+        papers' hook does), so no second f(z_anchor) is built for them. The replacement is a custom
+        autograd function rather than a tensor hook: a hook that holds y would form a reference cycle
+        through y's graph that Python's collector cannot see (every attack step's graph leaked).
+        """
+        z = self.anchor(traj).detach().requires_grad_(True)
+        y = model.f(z, u)
+        if not y.requires_grad:
+            return model.head(y)
+        return model.head(_ReplaceGrad.apply(y, z, lambda jt, a: self.backward(jt, model, u, traj, a)))
+
+
+class _ReplaceGrad(torch.autograd.Function):
+    """Identity on y = f(z, u) whose backward sends replace(jt, a) into y, jt(w) = (dy/dz)^T w."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, z: Tensor, replace: Callable[..., Tensor]) -> Tensor:
+        ctx.save_for_backward(y, z)  # saved inputs hold y's graph without a cycle back to this node
+        ctx.replace = replace
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, a: Tensor) -> tuple[Tensor, None, None]:
+        y, z = ctx.saved_tensors
+        with torch.enable_grad():
+            return ctx.replace(_vjp(z, y), a), None, None
 
 
 class ExactImplicit(_HookedEstimator):
@@ -162,8 +189,6 @@ class ExactImplicit(_HookedEstimator):
     the papers' "real" on rows whose own pick differs from the batch's.
     """
 
-    backward_f_evals = 1
-
     def __init__(self, max_iter: int = PAPER_BACKWARD_STEPS, tol: float = PAPER_BACKWARD_TOL) -> None:
         self.max_iter, self.tol = max_iter, tol
         self.backward_vjps = max_iter + 1  # the solver's f(w0) plus one per step
@@ -173,8 +198,9 @@ class ExactImplicit(_HookedEstimator):
     def spec(self) -> str:
         return f"exact:{self.max_iter}:{format_number(self.tol)}"
 
-    def backward(self, model: Any, u: Any, traj: Trajectory, a: Tensor) -> Tensor:
-        jt = _vjp(*_copy_graph(model, traj.result, u))
+    def backward(
+        self, jt: Callable[[Tensor], Tensor], model: Any, u: Any, traj: Trajectory, a: Tensor
+    ) -> Tensor:
         back = solve(
             lambda w: jt(w) + a,
             torch.zeros_like(a),
@@ -192,8 +218,6 @@ class ExactImplicit(_HookedEstimator):
 class Neumann(_HookedEstimator):
     """Neumann-series phantom gradient at z*: 0.5 sum_{m<=K} (M^T)^m a, M = (I + J)/2."""
 
-    backward_f_evals = 1
-
     def __init__(self, terms: int) -> None:
         self.terms = terms
         self.backward_vjps = terms
@@ -202,8 +226,9 @@ class Neumann(_HookedEstimator):
     def spec(self) -> str:
         return f"neumann:{self.terms}"
 
-    def backward(self, model: Any, u: Any, traj: Trajectory, a: Tensor) -> Tensor:
-        jt = _vjp(*_copy_graph(model, traj.result, u))
+    def backward(
+        self, jt: Callable[[Tensor], Tensor], model: Any, u: Any, traj: Trajectory, a: Tensor
+    ) -> Tensor:
         acc = a
         for _ in range(self.terms):
             acc = a + 0.5 * (acc + jt(acc))
@@ -247,7 +272,9 @@ class SimultaneousAdjoint(_HookedEstimator):
     def anchor(self, traj: Trajectory) -> Tensor:
         return traj.state(self.t)
 
-    def backward(self, model: Any, u: Any, traj: Trajectory, a: Tensor) -> Tensor:
+    def backward(
+        self, jt: Callable[[Tensor], Tensor], model: Any, u: Any, traj: Trajectory, a: Tensor
+    ) -> Tensor:
         w = a
         for n in range(1, self.t):
             w = a + _vjp(*_copy_graph(model, traj.state(n), u))(w)
