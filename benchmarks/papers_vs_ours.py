@@ -112,7 +112,7 @@ def mdeq(args: argparse.Namespace) -> None:
     x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
     y = torch.cat([deployed(theirs, x[i : i + batch], args.train_grad) for i in range(0, n, batch)])
     with torch.no_grad():
-        gap = (call(theirs, x[:batch], args.train_grad) - model(x[:batch])).abs().max().item()
+        gap = (call(theirs, x[:batch], args.train_grad)[0] - model(x[:batch])).abs().max().item()
     print(
         f"MDEQ-Large, their random weights in both, {device}, {torch.get_num_threads()} thread(s), "
         f"batch {batch}, n {n}; PGD-10 eps 8/255 step 2/255; deployed/judge: their {args.train_grad} = our "
@@ -128,7 +128,7 @@ def mdeq(args: argparse.Namespace) -> None:
         names = list(rows)
         np.random.seed(args.seed)
         warm = x[:batch].clone().requires_grad_()  # warm-up of both at the timed shape
-        F.cross_entropy(call(theirs, warm, their_name), y[:batch]).backward()
+        F.cross_entropy(call(theirs, warm, their_name)[0], y[:batch]).backward()
         ours(views["deployed"], attacks["deployed"], x[:batch], y[:batch], 0)
         for i in range(0, n, batch):
             xb, yb = x[i : i + batch], y[i : i + batch]
