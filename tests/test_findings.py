@@ -195,3 +195,38 @@ def test_every_one_factor_pair_is_listed(records: Path) -> None:
     }
     defense = next(p for p in pairs if p["kind"] == "defense")
     assert (defense["paired"]["only_a"], defense["paired"]["only_b"], defense["paired"]["n"]) == (9, 0, N)
+
+
+def test_overestimate_is_tested_on_every_readout_with_bonferroni(tmp_path: Path) -> None:
+    """A run with an early-exit readout adds a ready-made vs white-box row for it; the model's readouts
+    form one family, so each p-value is multiplied by their number."""
+    import json
+
+    early_broken = {"ready-made": set(), "white-box": set(range(12))}  # only white-box breaks 0..11
+    attacks = [
+        _col("ready-made", "pgd", "pgd", "unroll:2:0.5", _mask({0})),
+        _col("white-box", "pgd", "pgd", "state:3:1:1", _mask({0})),
+        _col("ready-made", "pgd", "pgd", "unroll:2:0.5", _mask(early_broken["ready-made"]), readout="early"),
+        _col("white-box", "pgd", "pgd", "state:1:1:1", _mask(early_broken["white-box"]), readout="early"),
+    ]
+    path = make_record(
+        tmp_path, "deq", model="deq-tiny", dataset="fashion-mnist", eps=0.1, labels=LABELS, clean=LABELS,
+        attacks=attacks, recipe={"method": "fast-at", "random_state": False}, suite="lite",
+    )  # fmt: skip
+    doc = json.loads(path.read_text())
+    doc["spec"]["plan"]["readouts"] = ["final", "early"]
+    doc["results"]["columns"]["clean"]["early"] = {"pred": LABELS}
+    doc["results"]["selection"] = {
+        "ready-made": {"final": ["unroll:2:0.5"], "early": ["unroll:2:0.5"]},
+        "white-box": {"final": ["state:3:1:1"], "early": ["state:1:1:1"]},
+    }
+    path.write_text(json.dumps(doc))
+    rows = [f.row() for f in findings(load_runs(tmp_path)) if f.key == "overestimate"]
+    by_measured = {r["measured"].split(":")[0]: r for r in rows}
+    assert set(by_measured) == {"deq-tiny", "deq-tiny (early readout)"}
+    early = by_measured["deq-tiny (early readout)"]
+    assert (early["paired"]["only_a"], early["paired"]["only_b"]) == (12, 0)
+    assert early["tests"] == 2 and early["paired"]["p_value"] == pytest.approx(2 * 2 / 2**12)
+    assert early["verdict"] == "reproduced" and "Bonferroni x2" in early["note"]
+    final = by_measured["deq-tiny"]
+    assert final["paired"]["p_value"] == 1.0 and final["verdict"] == "inconclusive at this n"
