@@ -135,6 +135,8 @@ class Estimator(ABC):
 class _HookedEstimator(Estimator):
     """head(y) with y = f(z_anchor, u), whose incoming gradient a is replaced by backward(a)."""
 
+    vjp_at_anchor: bool = True  # backward uses jt (J^T at the anchor); else the anchor needs no grad
+
     def anchor(self, traj: Trajectory) -> Tensor:
         return traj.result
 
@@ -154,11 +156,13 @@ class _HookedEstimator(Estimator):
         """head(y), y = f(z_leaf, u) on a detached leaf copy of the anchor state, a replaced by backward(a).
 
         The VJPs with J at the anchor reuse this same graph, differentiated w.r.t. z_leaf only (as the
-        papers' hook does), so no second f(z_anchor) is built for them. The replacement is a custom
-        autograd function rather than a tensor hook: a hook that holds y would form a reference cycle
-        through y's graph that Python's collector cannot see (every attack step's graph leaked).
+        papers' hook does), so no second f(z_anchor) is built for them; z_leaf requires grad only when
+        they are wanted (vjp_at_anchor), else an attack's .backward() would also pay for dL/dz_leaf. The
+        replacement is a custom autograd function rather than a tensor hook on y: the VJP through y inside
+        y's own hook re-enters that hook without end, and a hook holding y forms a reference cycle
+        through y's graph that Python's collector cannot see.
         """
-        z = self.anchor(traj).detach().requires_grad_(True)
+        z = self.anchor(traj).detach().requires_grad_(self.vjp_at_anchor)
         y = model.f(z, u)
         if not y.requires_grad:
             return model.head(y)
@@ -252,6 +256,7 @@ class SimultaneousAdjoint(_HookedEstimator):
     """
 
     reimplementation = True
+    vjp_at_anchor = False  # its VJPs are at the earlier states z[n], n < t, never at z[t]
 
     def __init__(self, t: int) -> None:
         self.t = t

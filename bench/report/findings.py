@@ -316,15 +316,11 @@ def overestimate_findings(pools: list[Pool]) -> list[Finding]:
     claim = "Ready-made attacks overestimate DEQ robustness: white-box attacks through the states break more"
     out = []
     for model, members in undefended_deqs(pools).items():
-        sha = {p.sha for p in members}
-        others = [
-            p
-            for p in pools
-            if p.model == model and p.defense == "none" and p.readout != "final" and p.sha in sha
-        ]
+        shas = {p.sha for p in members}
         by_readout: dict[str, list[Pool]] = {"final": members}
-        for pool in others:
-            by_readout.setdefault(pool.readout, []).append(pool)
+        for p in pools:
+            if p.model == model and p.defense == "none" and p.readout != "final" and p.sha in shas:
+                by_readout.setdefault(p.readout, []).append(p)
         family = []
         for readout, candidates in by_readout.items():
             pool = largest([p for p in candidates if {"ready-made", "white-box"} <= p.protocols()])
