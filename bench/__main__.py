@@ -14,10 +14,14 @@ def main() -> None:
     interrupts.install()
     try:
         from bench.cli import main as cli_main
-    except (interrupts.Interrupted, KeyboardInterrupt) as exc:
+
+        interrupts.raise_held()
+        cli_main()
+    except (interrupts.Interrupted, KeyboardInterrupt) as exc:  # the CLI's own handling reports the rest
         print(f"error: {interrupts.MESSAGE}", file=sys.stderr)
         sys.exit(exc.exit_code if isinstance(exc, interrupts.Interrupted) else 130)
-    cli_main()
+    finally:
+        interrupts.stop_timer()
 
 
 if __name__ == "__main__":

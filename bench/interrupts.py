@@ -6,6 +6,11 @@ the process without running any cleanup. Here each becomes `Interrupted`, a Base
 through every `finally` (temp files removed, locks released), and the CLI prints
 `error: interrupted; re-run the same command to resume` and exits 128 + the signal number (130, 143).
 Every file a run keeps is written atomically, so what is left is exactly what a re-run resumes from.
+
+A signal that lands while a module is being imported is held until the import is done (re-checked every
+20 ms on a SIGALRM timer): raised inside a C extension's initialisation (numpy's, pulled in by torch), the
+exception leaves that extension half-initialised and un-importable, and the process would die with an
+ImportError traceback instead of the clean message.
 """
 
 from __future__ import annotations
@@ -31,15 +36,58 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+_IMPORT_CODE = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
+_RETRY_S = 0.02
 _fired = False
+_held: int | None = None  # the first stop signal that arrived during an import, not yet raised
+
+
+def importing(frame: FrameType | None) -> bool:
+    """True when `frame` runs inside an import (importlib's machinery is on its call stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename in _IMPORT_CODE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    global _fired
+    global _fired, _held
     if _fired:  # a second signal while unwinding must not tear the cleanup apart
         return
+    if importing(frame) and hasattr(signal, "setitimer"):
+        _held = signum if _held is None else _held
+        signal.signal(signal.SIGALRM, _retry)
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+        return
     _fired = True
+    if _held is not None:
+        signum, _held = _held, None
     raise Interrupted(signum)
+
+
+def _retry(_signum: int, frame: FrameType | None) -> None:
+    """The timer of a held signal: raise it now unless an import is still under way."""
+    if _held is not None:
+        _handler(_held, frame)
+
+
+def raise_held() -> None:
+    """Raise a signal still held now; the CLI calls this when its command is done (a command that is
+    mostly imports, such as `bench models`, may finish before the timer finds it outside an import)."""
+    global _fired, _held
+    stop_timer()
+    if _held is not None and not _fired:
+        signum, _held = _held, None
+        _fired = True
+        raise Interrupted(signum)
+
+
+def stop_timer() -> None:
+    """Cancel a held signal's retry timer: at exit, finalisation restores SIGALRM's default action, and a
+    timer that fires then would kill the process with 142."""
+    if _held is not None and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def install() -> None:

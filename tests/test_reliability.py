@@ -163,6 +163,41 @@ def test_ctrl_c_during_start_up_is_the_same_clean_error(tmp_path):
     assert err.strip() == "error: interrupted; re-run the same command to resume"
 
 
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="holding a signal needs POSIX interval timers")
+def test_a_signal_during_an_import_is_raised_once_the_import_is_done(tmp_path, monkeypatch):
+    # the start-up test above is timing-dependent; this one lands the signal inside an import for sure
+    name = "module_that_gets_a_ctrl_c_while_importing"
+    (tmp_path / f"{name}.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\nDONE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(interrupts, "_fired", False)
+    monkeypatch.setattr(interrupts, "_held", None)
+    handlers = {s: signal.getsignal(s) for s in (*interrupts.SIGNALS, signal.SIGALRM)}
+    try:
+        interrupts.install()
+        with pytest.raises(interrupts.Interrupted) as caught:
+            __import__(name)
+            time.sleep(2.0)  # the held Ctrl-C is raised here, within the 20 ms retry
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    module = sys.modules.pop(name, None)
+    assert module is not None and module.DONE  # the import ran to its end
+    assert caught.value.exit_code == 130
+
+
+def test_a_signal_still_held_when_the_command_ends_is_raised_then(monkeypatch):
+    # `bench models` is mostly imports: it can finish before the retry timer finds it outside one
+    monkeypatch.setattr(interrupts, "_fired", False)
+    monkeypatch.setattr(interrupts, "_held", signal.SIGTERM)
+    with pytest.raises(interrupts.Interrupted) as caught:
+        interrupts.raise_held()
+    assert caught.value.exit_code == 143 and interrupts._held is None
+    interrupts.raise_held()  # raised once: nothing is left to raise
+
+
 @pytest.mark.parametrize(
     ("raised", "code"),
     [

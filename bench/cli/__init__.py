@@ -233,6 +233,7 @@ def main() -> None:
     interrupts.install()
     try:
         code = app(standalone_mode=False)
+        interrupts.raise_held()  # a Ctrl-C that arrived during an import the command made
     except interrupts.Interrupted as exc:
         _interrupted(exc.exit_code)
     except BenchError as exc:
