@@ -156,7 +156,7 @@ def test_random_states_pair_only_with_the_same_recipe(tmp_path: Path) -> None:
     make_record(tmp_path, "base", model="deq-tiny", recipe={**phantom, "random_state": False}, **common)
     make_record(
         tmp_path, "exact", model="deq-tiny", recipe={**phantom, "grad": "exact", "random_state": False},
-        checkpoint_sha256="e" * 64, mtime=2e9, **common,
+        checkpoint_sha256="e" * 64, finished=2e9, **common,
     )  # fmt: skip  # newer, same size: it would win a tie if recipes did not count
     make_record(
         tmp_path, "ris", model="deq-tiny-ris", recipe={**phantom, "random_state": True},

@@ -88,7 +88,7 @@ def make_record(
     sanity: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
     suite: str = "full",
-    mtime: float | None = None,
+    finished: float | None = None,
     extra_columns: dict[str, Any] | None = None,
 ) -> Path:
     """A run record in the evaluator's schema with known per-example arrays; its summary is garbage on
@@ -134,13 +134,16 @@ def make_record(
             **({"sanity": sanity} if sanity is not None else {}),
         },
         "provenance": {
-            "checkpoint_metadata": {"recipe": json.dumps(DEFAULT_RECIPE if recipe is None else recipe)}
+            "checkpoint_metadata": {"recipe": json.dumps(DEFAULT_RECIPE if recipe is None else recipe)},
+            **(
+                {"shard_plan": {"sessions": [{"started": finished - 5.0, "wall_seconds": 5.0}]}}
+                if finished
+                else {}
+            ),
         },
     }
     path = root / f"{name}.json"
     path.write_text(json.dumps(doc))
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
     return path
 
 
@@ -242,15 +245,19 @@ def test_unregistered_model_does_not_crash_and_method_falls_back(tmp_path: Path)
 
 
 def test_runs_on_the_same_examples_merge_into_the_per_example_worst_case(tmp_path: Path) -> None:
-    make_record(tmp_path, "a", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0, 1))], mtime=1000)
-    make_record(tmp_path, "b", attacks=[_col("white-box", "aa", "square", "exact", _mask(1, 2))], mtime=2000)
+    make_record(tmp_path, "a", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0, 1))], finished=1000)
+    make_record(
+        tmp_path, "b", attacks=[_col("white-box", "aa", "square", "exact", _mask(1, 2))], finished=2000
+    )
     row = _measured(_rows(tmp_path))
     assert (row["pgd"], row["aa"], row["all"]) == (60.0, 60.0, 50.0)
     assert row["runs"] == ["b.json", "a.json"]
 
 
 def test_different_checkpoints_are_not_merged_the_larger_run_wins(tmp_path: Path) -> None:
-    make_record(tmp_path, "small", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0))], mtime=3000)
+    make_record(
+        tmp_path, "small", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0))], finished=3000
+    )
     labels = [*LABELS, 0, 1]
     make_record(
         tmp_path,
@@ -259,7 +266,7 @@ def test_different_checkpoints_are_not_merged_the_larger_run_wins(tmp_path: Path
         clean=[*CLEAN, 0, 1],
         attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0, 1, 2, n=12))],
         checkpoint_sha256="b" * 64,
-        mtime=1000,
+        finished=1000,
     )
     row = _measured(_rows(tmp_path))
     assert row["runs"] == ["large.json"] and row["n_examples"] == 12
@@ -267,21 +274,45 @@ def test_different_checkpoints_are_not_merged_the_larger_run_wins(tmp_path: Path
 
 
 def test_equal_size_tie_goes_to_the_newest_run(tmp_path: Path) -> None:
-    make_record(tmp_path, "old", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0))], mtime=1000)
+    make_record(tmp_path, "old", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0))], finished=1000)
     make_record(
         tmp_path,
         "new",
         attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0, 1))],
         checkpoint_sha256="c" * 64,
-        mtime=2000,
+        finished=2000,
     )
     assert _measured(_rows(tmp_path))["runs"] == ["new.json"]
 
 
+def test_newest_is_read_from_the_record_not_the_file_mtime(tmp_path: Path) -> None:
+    # a fresh checkout sets mtimes in checkout order: the leaderboard must not change with it
+    old = make_record(
+        tmp_path, "old", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0))], finished=1000
+    )
+    new = make_record(
+        tmp_path,
+        "new",
+        attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0, 1))],
+        checkpoint_sha256="c" * 64,
+        finished=2000,
+    )
+    os.utime(new, (10, 10))
+    os.utime(old, (3e9, 3e9))
+    assert _measured(_rows(tmp_path))["runs"] == ["new.json"]
+    merged = tmp_path / "merged"
+    merged.mkdir()  # merged runs: the newest one's white-box selection leads the row's estimator
+    a = make_record(merged, "a", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0))], finished=1000)
+    b = make_record(merged, "b", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(1))], finished=2000)
+    os.utime(b, (10, 10))
+    os.utime(a, (3e9, 3e9))
+    assert _measured(_rows(merged))["runs"] == ["b.json", "a.json"]
+
+
 def test_same_checkpoint_but_different_clean_predictions_are_not_merged(tmp_path: Path) -> None:
-    make_record(tmp_path, "x", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0))], mtime=1000)
+    make_record(tmp_path, "x", attacks=[_col("white-box", "pgd", "pgd", "exact", _mask(0))], finished=1000)
     make_record(
-        tmp_path, "y", clean=[0, 1, 2, 3, 4, 5, 6, 0, 0, 0], attacks=[], selection={}, mtime=2000
+        tmp_path, "y", clean=[0, 1, 2, 3, 4, 5, 6, 0, 0, 0], attacks=[], selection={}, finished=2000
     )  # another solver setting would do this: same weights, another function
     row = _measured(_rows(tmp_path))
     assert row["runs"] == ["y.json"] and row["clean"] == 70.0 and row["pgd"] is None

@@ -126,7 +126,7 @@ class Pool:
 
     @property
     def newest(self) -> float:
-        return max(r.mtime for r in self.runs)
+        return max(r.finished for r in self.runs)
 
     def protocols(self) -> set[str]:
         return set(self.out.broken.columns.get_level_values("protocol"))
@@ -148,7 +148,7 @@ def build_pools(runs: list[Run]) -> list[Pool]:
     for key, members in groups.items():
         readout = key[-1]
         for part in _pool_runs(members, readout):
-            part = sorted(part, key=lambda r: (-r.mtime, r.path.name))
+            part = sorted(part, key=lambda r: (-r.finished, r.path.name))
             out = merge_outcomes([r.outcomes(readout) for r in part])
             if out is not None and out.n > 0:
                 pools.append(Pool(part, readout, out))

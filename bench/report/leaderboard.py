@@ -11,9 +11,11 @@ pandas from the per-example columns of the records (never from a record's `summa
 Several runs for one row: runs that share the checkpoint, data, examples, solver settings and clean
 predictions are merged into one per-example worst case (an example counts as robust only if no attack of
 any of them broke it); otherwise the run (or merged pool) with the most examples is taken, ties going to
-the newest file. Reference rows from bench/reference/paper_results.csv are marked "reported", and a
-measured row that matches one (data set, eps, architecture name, defense, random-state training; readout
-"final") carries the difference measured - reported.
+the run that finished last. "Last" is read from the record (its sessions' start + wall time), never from
+the file's mtime, which a fresh checkout sets in checkout order. Reference rows from
+bench/reference/paper_results.csv are marked "reported", and a measured row that matches one (data set,
+eps, architecture name, defense, random-state training; readout "final") carries the difference
+measured - reported.
 
 Uncertainty: every accuracy carries its 95 % Wilson interval (`<key>_ci`); ready-made vs white-box on the
 same examples is compared per example (`paired`: McNemar's exact p-value, the discordant counts and
@@ -153,7 +155,7 @@ class Run:
 
     path: Path
     doc: dict[str, Any]
-    mtime: float = 0.0
+    finished: float = 0.0  # when the run finished (finished_at); orders equal-size runs, newest first
     _outcomes: dict[str, Outcomes] = field(default_factory=dict, repr=False)
 
     @property
@@ -304,11 +306,23 @@ def _any_diverged(columns: dict[str, Any], readout: str) -> bool:
     return any(s and any(s.get("diverged", [])) for s in solvers)
 
 
+def finished_at(doc: dict[str, Any], path: Path) -> float:
+    """When the run finished: the latest session's start + wall seconds in the record's shard plan. A
+    record without sessions (written by hand or by another tool) falls back to its file's mtime."""
+    sessions = ((doc.get("provenance") or {}).get("shard_plan") or {}).get("sessions") or []
+    ends = [
+        float(s["started"]) + float(s.get("wall_seconds") or 0.0)
+        for s in sessions
+        if isinstance(s, dict) and isinstance(s.get("started"), int | float)
+    ]
+    return max(ends) if ends else path.stat().st_mtime
+
+
 def load_runs(results_dir: str | Path) -> list[Run]:
     """Every finished run record in results_dir; a missing directory or none at all is the user's error."""
     from bench.records.read import iter_records
 
-    runs = [Run(path, doc, path.stat().st_mtime).validate() for path, doc in iter_records(results_dir)]
+    runs = [Run(path, doc, finished_at(doc, path)).validate() for path, doc in iter_records(results_dir)]
     if not runs:
         raise BenchError(f"no run records in {results_dir}; run `bench evaluate` first")
     return runs
@@ -320,7 +334,8 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"run record {path} does not exist")
-    return Run(path, read_record(path), path.stat().st_mtime).validate()
+    doc = read_record(path)
+    return Run(path, doc, finished_at(doc, path)).validate()
 
 
 # ----- rows -----------------------------------------------------------------------------------------------
@@ -424,7 +439,7 @@ def _pool_runs(runs: list[Run], readout: str) -> list[list[Run]]:
 
 def measured_row(runs: list[Run], readout: str) -> dict[str, Any]:
     """One leaderboard row from a pool of mergeable runs (usually one)."""
-    runs = sorted(runs, key=lambda r: (-r.mtime, r.path.name))  # newest first: its selection leads
+    runs = sorted(runs, key=lambda r: (-r.finished, r.path.name))  # newest first: its selection leads
     out = merge_outcomes([r.outcomes(readout) for r in runs])
     assert out is not None
     first = runs[0]
@@ -474,7 +489,7 @@ def measured_rows(runs: list[Run]) -> list[dict[str, Any]]:
         pools = _pool_runs(members, readout)
         best = max(
             pools,
-            key=lambda p: (p[0].outcomes(readout).n, max(r.mtime for r in p), max(r.path.name for r in p)),
+            key=lambda p: (p[0].outcomes(readout).n, max(r.finished for r in p), max(r.path.name for r in p)),
         )
         rows.append(measured_row(best, readout))
     return rows
