@@ -9,13 +9,15 @@ gradient only flows through the f applications recomputed here. Spec strings:
                             incoming gradient a by w solving w = J^T w + a (J = df/dz at z*), found by
                             Broyden (T steps, rel. tol, lowest residual, from w = 0) with VJPs on y's own
                             graph (y = f(z*_leaf, u), z*_leaf a detached leaf, differentiated w.r.t. z*_leaf
-                            only); w then flows through the single f(z*) to x. `exact` is the
-                            papers' backward solver, exact:7:0.001 (B_THRES = 7, eps 1e-3). The backward
-                            solve batches as the forward one did (Trajectory.per_example, from
-                            DeployConfig.batching): per example, each row's w is its own lowest-residual
-                            Broyden iterate, independent of the batch; with batching "papers" one stop and
-                            one lowest-residual step hold for the whole batch, exactly the papers' "real"
-                            (a row's w, hence its gradient, then depends on the other rows).
+                            only); w then flows through the single f(z*) to x. T VJPs: the value at w = 0
+                            is a itself, where the papers' solver pays a VJP with the zero vector (the same
+                            bits). `exact` is the papers' backward solver, exact:7:0.001 (B_THRES = 7,
+                            eps 1e-3). The backward solve batches as the forward one did
+                            (Trajectory.per_example, from DeployConfig.batching): per example, each row's w
+                            is its own lowest-residual Broyden iterate, independent of the batch; with
+                            batching "papers" one stop and one lowest-residual step hold for the whole
+                            batch, exactly the papers' "real" (a row's w, hence its gradient, then depends
+                            on the other rows).
     unroll:K:lam            phantom gradient: y = f(z*), then K damped steps y <- (1-lam) y + lam f(y);
                             autograd through these K+1 f's.
     state:t:K:lam           the same from the intermediate state z[t] (1-based) instead of z*.
@@ -195,7 +197,7 @@ class ExactImplicit(_HookedEstimator):
 
     def __init__(self, max_iter: int = PAPER_BACKWARD_STEPS, tol: float = PAPER_BACKWARD_TOL) -> None:
         self.max_iter, self.tol = max_iter, tol
-        self.backward_vjps = max_iter + 1  # the solver's f(w0) plus one per step
+        self.backward_vjps = max_iter  # one per step: at w0 = 0 the solver's first value is a itself
         self.last_backward: Trajectory | None = None  # the backward solve's trajectory, for diagnostics
 
     @property
@@ -214,6 +216,7 @@ class ExactImplicit(_HookedEstimator):
             "rel",
             keep=(),
             per_example=traj.per_example,
+            f0=a,  # J^T 0 + a
         )
         self.last_backward = back
         return back.result
