@@ -20,8 +20,14 @@ known at every step) and `estimator` (pgd:10:ce:1:estimator: loss on the estimat
 confirmed on the deployed prediction for the rows the estimator says are broken, and on every row at the
 end). Every robust accuracy is judged on the deployed prediction. f/example counts the rows through f.
 
+`--shares` adds, after the table, where the `estimator` variant's time goes on the first batch (timers
+around the view's parts; nested parts count in their outermost one) beside the papers' side on that batch,
+and the floor: the speed-up ours would reach if the deployed re-checks and the attack's bookkeeping were
+free (the solve the estimator reads, its differentiated f's, their backward and the final judge remain),
+from the table's interleaved ratio.
+
     python benchmarks/papers_vs_ours.py mdeq --papers-repo DIR [--n 16] [--batch 8] [--threads 1] [--device D]
-    python benchmarks/papers_vs_ours.py tiny [--n 1000] [--batch 100] [--threads 1]
+    python benchmarks/papers_vs_ours.py tiny [--n 1000] [--batch 100] [--threads 1] [--shares]
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +87,8 @@ def timed(fn: Callable[[], tuple[int, int]], tally: Tally, device: torch.device)
     tally.f_rows += rows
 
 
-def table(title: str, n: int, rows: dict[str, Tally], baseline: str) -> None:
+def table(title: str, n: int, rows: dict[str, Tally], baseline: str) -> dict[str, float]:
+    """Print the variants' speeds; returns each one's speed-up over `baseline`."""
     print(title)
     head = ("s/example", "examples/s", "vs papers", "robust %", "f/example")
     print(f"{'variant':<34}" + "".join(f"{h:>11}" for h in head))
@@ -90,6 +98,85 @@ def table(title: str, n: int, rows: dict[str, Tally], baseline: str) -> None:
             f"{name:<34}{t.seconds / n:>11.3f}{n / t.seconds:>11.3f}{base / t.seconds:>10.2f}x"
             f"{100.0 * t.robust / n:>11.1f}{t.f_rows / n:>11.0f}"
         )
+    return {name: base / t.seconds for name, t in rows.items()}
+
+
+# ----- where the time goes (--shares) ---------------------------------------------------------------
+
+PARTS = {
+    "solve": "no-grad solve the estimator reads",
+    "surrogate": "estimator's f's with grad (forward)",
+    "backward": "backward to the input",
+    "recheck": "deployed re-check of candidate rows",
+    "judge": "final judge (deployed forward)",
+}
+MANDATORY = ("solve", "surrogate", "backward", "judge")
+
+
+@dataclass
+class Shares:
+    """Seconds per part of one timed call of ours(); nested timed parts count in the outermost one."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
+    depth: int = 0
+
+    def wrap(self, part: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def timed_part(*args: object, **kw: object) -> object:
+            if self.depth:
+                return fn(*args, **kw)
+            self.depth += 1
+            begin = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.seconds[part] += time.perf_counter() - begin
+                self.depth -= 1
+
+        return timed_part
+
+
+@contextmanager
+def measured_parts(view: AttackView) -> Iterator[Shares]:
+    """Timers on the view's parts for the block: the no-grad solve (the judge's full one counts as
+    `judge`), the estimator's surrogate, the deployed re-check, and torch.autograd.grad (the backward)."""
+    shares = Shares()
+    solve, value, surrogate, grad = view._solve, view._value, view.estimator.surrogate, torch.autograd.grad
+    timed_solve = shares.wrap("solve", solve)
+    timed_judge = shares.wrap("judge", solve)
+
+    def either_solve(model: object, x: Tensor, upto: int | None = None) -> object:
+        return (timed_solve if torch.is_grad_enabled() else timed_judge)(model, x, upto)
+
+    view._solve = either_solve  # type: ignore[method-assign]
+    view._value = shares.wrap("recheck", value)  # type: ignore[method-assign]
+    view.estimator.surrogate = shares.wrap("surrogate", surrogate)  # type: ignore[method-assign]
+    torch.autograd.grad = shares.wrap("backward", grad)  # type: ignore[assignment]
+    try:
+        yield shares
+    finally:
+        del view._solve, view._value, view.estimator.surrogate
+        torch.autograd.grad = grad
+
+
+def share_table(view: AttackView, attack: PGD, x: Tensor, y: Tensor, ratio: float) -> None:
+    """The `estimator` variant's parts on one batch; `ratio` is its speed vs the papers' side from the
+    interleaved table (a ratio timed alone here would follow the shared machine's load)."""
+    begin = time.perf_counter()
+    with measured_parts(view) as shares:
+        ours(view, attack, x, y, 0)
+    total = time.perf_counter() - begin
+    print(f"\nwhere the time goes: ours `estimator` on the first batch ({len(x)} examples), one call")
+    print(f"{'part':<42}{'seconds':>10}{'share':>9}")
+    for part, label in PARTS.items():
+        print(f"{label:<42}{shares.seconds[part]:>10.3f}{100 * shares.seconds[part] / total:>8.1f}%")
+    rest = total - sum(shares.seconds.values())
+    print(f"{'attack bookkeeping and the rest':<42}{rest:>10.3f}{100 * rest / total:>8.1f}%")
+    print(f"{'total':<42}{total:>10.3f}{100.0:>8.1f}%")
+    mandatory = sum(shares.seconds[p] for p in MANDATORY) / total
+    print(
+        f"floor: with the re-checks and the bookkeeping free, {ratio:.2f}x / {mandatory:.2f} = "
+        f"{ratio / mandatory:.2f}x the papers' side"
+    )
 
 
 # ----- MDEQ-Large against the papers' code ----------------------------------------------------------
@@ -143,7 +230,10 @@ def mdeq(args: argparse.Namespace) -> None:
             for v, name in zip(VARIANTS, names[1:], strict=True):
                 view, attack = views[v], attacks[v]
                 timed(lambda a=attack, m=view, xb=xb, yb=yb, i=i: ours(m, a, xb, yb, i), rows[name], device)
-        table(f"\nestimator {spec} (their {their_name})", n, rows, names[0])
+        speed = table(f"\nestimator {spec} (their {their_name})", n, rows, names[0])
+        if args.shares:
+            ratio = speed[names[-1]]
+            share_table(views["estimator"], attacks["estimator"], x[:batch], y[:batch], ratio)
 
 
 # ----- deq-tiny against a loop mirroring the papers' pgd() ------------------------------------------
@@ -201,7 +291,10 @@ def tiny(args: argparse.Namespace) -> None:
                 return ours(views[v], attacks[v], xb, yb, start)
 
             timed(run, rows[name], cpu)
-    table("", args.n, rows, names[0])
+    speed = table("", args.n, rows, names[0])
+    if args.shares:
+        xb, yb = data.x[: args.batch], data.y[: args.batch]
+        share_table(views["estimator"], attacks["estimator"], xb, yb, speed[names[-1]])
 
 
 def main() -> None:
@@ -222,6 +315,7 @@ def main() -> None:
     for p in (m, t):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--shares", action="store_true", help="where the estimator variant's time goes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
