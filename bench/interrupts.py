@@ -10,7 +10,8 @@ Every file a run keeps is written atomically, so what is left is exactly what a 
 A signal that lands while a module is being imported is held until the import is done (re-checked every
 20 ms on a SIGALRM timer): raised inside a C extension's initialisation (numpy's, pulled in by torch), the
 exception leaves that extension half-initialised and un-importable, and the process would die with an
-ImportError traceback instead of the clean message.
+ImportError traceback instead of the clean message. A second signal while one is held is raised at once,
+so a hung import still stops on a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -52,35 +53,40 @@ def importing(frame: FrameType | None) -> bool:
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    global _fired, _held
+    global _held
     if _fired:  # a second signal while unwinding must not tear the cleanup apart
         return
-    if importing(frame) and hasattr(signal, "setitimer"):
-        _held = signum if _held is None else _held
+    if _held is None and importing(frame) and hasattr(signal, "setitimer"):
+        _held = signum
         signal.signal(signal.SIGALRM, _retry)
         signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
         return
-    _fired = True
-    if _held is not None:
-        signum, _held = _held, None
-    raise Interrupted(signum)
+    _raise(signum if _held is None else _held)  # a second signal while one is held: the user insists
 
 
 def _retry(_signum: int, frame: FrameType | None) -> None:
     """The timer of a held signal: raise it now unless an import is still under way."""
-    if _held is not None:
-        _handler(_held, frame)
+    if _held is None or _fired:
+        return
+    if importing(frame):
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+        return
+    _raise(_held)
+
+
+def _raise(signum: int) -> None:
+    global _fired, _held
+    stop_timer()
+    _fired, _held = True, None
+    raise Interrupted(signum)
 
 
 def raise_held() -> None:
     """Raise a signal still held now; the CLI calls this when its command is done (a command that is
     mostly imports, such as `bench models`, may finish before the timer finds it outside an import)."""
-    global _fired, _held
     stop_timer()
     if _held is not None and not _fired:
-        signum, _held = _held, None
-        _fired = True
-        raise Interrupted(signum)
+        _raise(_held)
 
 
 def stop_timer() -> None:

@@ -188,6 +188,30 @@ def test_a_signal_during_an_import_is_raised_once_the_import_is_done(tmp_path, m
     assert caught.value.exit_code == 130
 
 
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="holding a signal needs POSIX interval timers")
+def test_a_second_signal_during_an_import_is_raised_at_once(tmp_path, monkeypatch):
+    # a hung import must still stop: the second Ctrl-C is not held
+    name = "module_that_gets_two_ctrl_c_while_importing"
+    (tmp_path / f"{name}.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.1)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.5)\nDONE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(interrupts, "_fired", False)
+    monkeypatch.setattr(interrupts, "_held", None)
+    handlers = {s: signal.getsignal(s) for s in (*interrupts.SIGNALS, signal.SIGALRM)}
+    try:
+        interrupts.install()
+        with pytest.raises(interrupts.Interrupted) as caught:
+            __import__(name)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert sys.modules.pop(name, None) is None  # stopped inside the import
+    assert caught.value.exit_code == 130 and interrupts._held is None  # the first signal's code
+
+
 def test_a_signal_still_held_when_the_command_ends_is_raised_then(monkeypatch):
     # `bench models` is mostly imports: it can finish before the retry timer finds it outside one
     monkeypatch.setattr(interrupts, "_fired", False)
