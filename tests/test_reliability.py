@@ -163,53 +163,51 @@ def test_ctrl_c_during_start_up_is_the_same_clean_error(tmp_path):
     assert err.strip() == "error: interrupted; re-run the same command to resume"
 
 
-@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="holding a signal needs POSIX interval timers")
+needs_timers = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
+
+
+def _import_with_handlers(tmp_path, monkeypatch, name: str, body: str, after: float) -> Any:
+    """Import a module with `body` under the CLI's signal handlers, then wait `after` seconds; returns
+    the Interrupted raised (the test fails if none is)."""
+    (tmp_path / f"{name}.py").write_text("import os, signal, time\n" + body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(interrupts, "_fired", False)
+    monkeypatch.setattr(interrupts, "_held", None)
+    handlers = {s: signal.getsignal(s) for s in (*interrupts.SIGNALS, signal.SIGALRM)}
+    try:
+        interrupts.install()
+        with pytest.raises(interrupts.Interrupted) as caught:
+            __import__(name)
+            time.sleep(after)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return caught.value
+
+
+@needs_timers
 def test_a_signal_during_an_import_is_raised_once_the_import_is_done(tmp_path, monkeypatch):
     # the start-up test above is timing-dependent; this one lands the signal inside an import for sure
     name = "module_that_gets_a_ctrl_c_while_importing"
-    (tmp_path / f"{name}.py").write_text(
-        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\nDONE = True\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(interrupts, "_fired", False)
-    monkeypatch.setattr(interrupts, "_held", None)
-    handlers = {s: signal.getsignal(s) for s in (*interrupts.SIGNALS, signal.SIGALRM)}
-    try:
-        interrupts.install()
-        with pytest.raises(interrupts.Interrupted) as caught:
-            __import__(name)
-            time.sleep(2.0)  # the held Ctrl-C is raised here, within the 20 ms retry
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    body = "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\nDONE = True\n"
+    caught = _import_with_handlers(tmp_path, monkeypatch, name, body, after=2.0)  # raised within 20 ms
     module = sys.modules.pop(name, None)
     assert module is not None and module.DONE  # the import ran to its end
-    assert caught.value.exit_code == 130
+    assert caught.exit_code == 130
 
 
-@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="holding a signal needs POSIX interval timers")
+@needs_timers
 def test_a_second_signal_during_an_import_is_raised_at_once(tmp_path, monkeypatch):
     # a hung import must still stop: the second Ctrl-C is not held
     name = "module_that_gets_two_ctrl_c_while_importing"
-    (tmp_path / f"{name}.py").write_text(
-        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.1)\n"
+    body = (
+        "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.1)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.5)\nDONE = True\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(interrupts, "_fired", False)
-    monkeypatch.setattr(interrupts, "_held", None)
-    handlers = {s: signal.getsignal(s) for s in (*interrupts.SIGNALS, signal.SIGALRM)}
-    try:
-        interrupts.install()
-        with pytest.raises(interrupts.Interrupted) as caught:
-            __import__(name)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    caught = _import_with_handlers(tmp_path, monkeypatch, name, body, after=0.0)
     assert sys.modules.pop(name, None) is None  # stopped inside the import
-    assert caught.value.exit_code == 130 and interrupts._held is None  # the first signal's code
+    assert caught.exit_code == 130 and interrupts._held is None  # the first signal's code
 
 
 def test_a_signal_still_held_when_the_command_ends_is_raised_then(monkeypatch):
