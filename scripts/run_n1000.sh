@@ -18,6 +18,6 @@ for m in deq-tiny deq-tiny-ris deq-tiny-exact; do
   $B evaluate --model "$m" --suite lite --n-examples 1000 --readouts "$R" --quiet
 done
 $B evaluate --model resnet-tiny --suite lite --n-examples 1000 --quiet
-for m in deq-tiny deq-tiny-ris; do
+for m in deq-tiny deq-tiny-ris deq-tiny-exact; do
   $B evaluate --model "$m" --suite lite --n-examples 200 --readouts "$R" --defense entropy-reduction --quiet
 done
