@@ -197,6 +197,40 @@ def test_every_one_factor_pair_is_listed(records: Path) -> None:
     assert (defense["paired"]["only_a"], defense["paired"]["only_b"], defense["paired"]["n"]) == (9, 0, N)
 
 
+@pytest.mark.parametrize("suite", ["lite", "quick"])
+def test_a_smaller_run_pairs_on_the_examples_it_shares_only_under_the_same_suite(
+    tmp_path: Path, suite: str
+) -> None:
+    """A defended run on the first 15 images beside an undefended one on all 30: compared on those 15 (the
+    n = 200 defended runs beside the n = 1000 undefended ones), never across suites."""
+    from bench.report.findings import all_pairs, build_pools
+
+    half = N // 2
+    common = {"model": "deq-tiny", "dataset": "fashion-mnist", "eps": 0.1, "recipe": {"method": "fast-at"}}
+    make_record(
+        tmp_path, "deq", **common, labels=LABELS, clean=LABELS, suite="lite",
+        attacks=[_col("white-box", "pgd", "pgd", "state:3:1:1", _mask(set(range(0, N, 2))))],
+    )  # fmt: skip  # breaks the even examples: 8 of the first 15
+    make_record(
+        tmp_path, "deq-defended", **common, labels=LABELS[:half], clean=LABELS[:half], suite=suite,
+        defense="entropy-reduction:steps=5",
+        attacks=[_col("white-box", "pgd", "pgd", "bpda@state:3:1:1", [i in {0, 2} for i in range(half)])],
+    )  # fmt: skip
+    (entropy,) = [f.row() for f in findings(load_runs(tmp_path)) if f.key == "entropy-reduction"]
+    pairs = [p for p in all_pairs(build_pools(load_runs(tmp_path))) if p["kind"] == "defense"]
+    if suite == "quick":  # another protocol on other examples: no pair, not a cut-down one
+        assert entropy["verdict"] == "no run" and pairs == []
+        return
+    assert entropy["n"] == half and (entropy["a"], entropy["b"]) == (
+        pytest.approx(1300 / 15),
+        pytest.approx(700 / 15),
+    )
+    assert (entropy["paired"]["only_a"], entropy["paired"]["only_b"]) == (6, 0)
+    assert entropy["runs"] == ["deq-defended.json", "deq.json"]
+    (pair,) = pairs
+    assert (pair["paired"]["n"], pair["paired"]["only_a"], pair["suites"]) == (half, 6, "lite / lite")
+
+
 def test_overestimate_is_tested_on_every_readout_with_bonferroni(tmp_path: Path) -> None:
     """A run with an early-exit readout adds a ready-made vs white-box row for it; the model's readouts
     form one family, so each p-value is multiplied by their number."""

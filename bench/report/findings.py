@@ -1,10 +1,12 @@
 """`bench leaderboard --view findings`: each claim of the two papers beside what this project's records
 measure, with intervals, McNemar p-values and a plain verdict.
 
-Every comparison is paired: both sides are per-example results on identical example indices (and, where
+Every comparison is paired: both sides are per-example results on the same example indices (and, where
 the claim is about one model, the same checkpoint sha256), so McNemar's exact test applies and only the
-discordant examples carry evidence. Numbers are recomputed from per-example columns (bench.report.
-leaderboard's Outcomes), never read from a record's summary. Verdicts:
+discordant examples carry evidence. Two runs of different sizes and the same suite are compared on the
+examples both hold (a defended run on the first 200 images beside an undefended one on the first 1000):
+an example's outcome does not depend on which other examples its run held. Numbers are recomputed from
+per-example columns (bench.report.leaderboard's Outcomes), never read from a record's summary. Verdicts:
 
     reproduced               the claimed direction with p < ALPHA (or, for "not worse" claims, the 95 %
                              interval of the difference lies above -MARGIN points)
@@ -97,7 +99,11 @@ class Pool:
 
     @property
     def index(self) -> tuple[int, ...]:
-        return tuple(int(i) for i in self.first.columns["index"])
+        return tuple(int(i) for i in self.out.clean.index)
+
+    def on(self, index: pd.Index) -> Pool:
+        """This pool restricted to some of its examples (outcomes are per example, so a subset is exact)."""
+        return Pool(self.runs, self.readout, Outcomes(self.out.clean.loc[index], self.out.broken.loc[index]))
 
     @property
     def n(self) -> int:
@@ -155,12 +161,21 @@ def build_pools(runs: list[Run]) -> list[Pool]:
     return pools
 
 
-def _same_examples(a: Pool, b: Pool) -> bool:
-    return (
-        a.first.dataset == b.first.dataset
-        and math.isclose(a.first.eps, b.first.eps, rel_tol=1e-9)
-        and a.index == b.index
-    )
+def on_shared(a: Pool, b: Pool) -> tuple[Pool, Pool] | None:
+    """a and b on the examples both hold (same data set and eps), in a's order; None if they share none.
+
+    Pools on other example sets must also share the suite: cut down to a few examples, a small run under
+    another protocol would otherwise pair with every large one.
+    """
+    if a.first.dataset != b.first.dataset or not math.isclose(a.first.eps, b.first.eps, rel_tol=1e-9):
+        return None
+    if a.index == b.index:
+        return a, b
+    if a.suite != b.suite:
+        return None
+    ia, ib = a.out.clean.index, b.out.clean.index
+    shared = ia[ia.isin(ib)]
+    return (a.on(shared), b.on(shared)) if len(shared) else None
 
 
 def best_pair(pairs: list[tuple[Pool, Pool]]) -> tuple[Pool, Pool] | None:
@@ -406,7 +421,7 @@ def readout_findings(pools: list[Pool], key: str, readouts: tuple[str, ...], cla
             and p.defense == "none"
             and (p.readout in readouts or any(p.readout.startswith(r) for r in readouts if r.endswith(":")))
         ]
-        pairs = [(o, m) for o in others for m in members if o.sha == m.sha and _same_examples(o, m)]
+        pairs = [s for o in others for m in members if o.sha == m.sha and (s := on_shared(o, m))]
         pair = best_pair(pairs)
         f = Finding(key, NEURIPS, claim, "not in the reference table", f"{model}: readout vs final, All")
         f.b_label = "final readout All"
@@ -432,10 +447,8 @@ def same_arch(a: Pool, b: Pool) -> bool:
 
 
 def pair_kind(a: Pool, b: Pool) -> str | None:
-    """What differs between two pools on the same examples when exactly one factor does: 'defense',
-    'readout' (both on one checkpoint) or 'random states' (same architecture and recipe); else None."""
-    if not _same_examples(a, b):
-        return None
+    """What differs between two pools when exactly one factor does: 'defense', 'readout' (both on one
+    checkpoint) or 'random states' (same architecture and recipe); else None."""
     if a.sha == b.sha and a.readout == b.readout and a.defense != "none" and b.defense == "none":
         return "defense"
     if a.sha == b.sha and a.defense == b.defense and a.readout != "final" and b.readout == "final":
@@ -447,40 +460,58 @@ def pair_kind(a: Pool, b: Pool) -> str | None:
 
 
 def all_pairs(pools: list[Pool]) -> list[dict[str, Any]]:
-    """Every pair of pools that differ in one factor on the same examples, All vs All with McNemar's
-    test: the comparisons the findings choose from, none left out."""
-    rows = []
+    """Every pair of pools on the same examples that differ in one factor, All vs All with McNemar's
+    test: the comparisons the findings choose from, none left out. Runs of different sizes enter on the
+    examples they share when no pair of the same sides and suites has as many examples (the findings'
+    choice is there; the smaller restrictions would only repeat it)."""
+    rows: list[dict[str, Any]] = []
+    partial: list[dict[str, Any]] = []
     for a in pools:
         for b in pools:
             kind = None if a is b else pair_kind(a, b)
-            if kind is None:
+            shared = None if kind is None else on_shared(a, b)
+            if kind is None or shared is None:
                 continue
-            side = {
-                "defense": lambda p: defense_name(p.defense),
-                "readout": lambda p: p.readout,
-                "random states": lambda p: p.model,
-            }[kind]
-            shared = {
-                "defense": f"{b.model}, readout {b.readout}",
-                "readout": f"{b.model}, defense {defense_name(b.defense)}",
-                "random states": f"defense {defense_name(b.defense)}, readout {b.readout}",
-            }[kind]
-            rows.append(
-                {
-                    "kind": kind,
-                    "shared": shared,
-                    "a": side(a),
-                    "b": side(b),
-                    "a_all": round(100.0 * float(a.robust().mean()), 6),
-                    "a_ci": wilson_pct(a.robust()),
-                    "b_all": round(100.0 * float(b.robust().mean()), 6),
-                    "b_ci": wilson_pct(b.robust()),
-                    "paired": paired_pct(a.robust(), b.robust()),
-                    "suites": f"{a.suite} / {b.suite}",
-                    "runs": list(dict.fromkeys(a.names + b.names)),
-                }
-            )
+            row = _pair_row(kind, *shared)
+            (rows if a.index == b.index else partial).append(row)
+
+    def key(r: dict[str, Any]) -> tuple[str, ...]:
+        return (r["kind"], r["shared"], r["a"], r["b"], r["suites"])
+
+    most: dict[tuple[str, ...], int] = {}
+    for r in rows:
+        most[key(r)] = max(most.get(key(r), 0), r["paired"]["n"])
+    for r in sorted(partial, key=lambda r: -r["paired"]["n"]):
+        if r["paired"]["n"] > most.get(key(r), 0):
+            most[key(r)] = r["paired"]["n"]
+            rows.append(r)
     return sorted(rows, key=lambda r: (r["kind"], r["shared"], -r["paired"]["n"], r["a"], r["runs"]))
+
+
+def _pair_row(kind: str, a: Pool, b: Pool) -> dict[str, Any]:
+    side = {
+        "defense": lambda p: defense_name(p.defense),
+        "readout": lambda p: p.readout,
+        "random states": lambda p: p.model,
+    }[kind]
+    shared = {
+        "defense": f"{b.model}, readout {b.readout}",
+        "readout": f"{b.model}, defense {defense_name(b.defense)}",
+        "random states": f"defense {defense_name(b.defense)}, readout {b.readout}",
+    }[kind]
+    return {
+        "kind": kind,
+        "shared": shared,
+        "a": side(a),
+        "b": side(b),
+        "a_all": round(100.0 * float(a.robust().mean()), 6),
+        "a_ci": wilson_pct(a.robust()),
+        "b_all": round(100.0 * float(b.robust().mean()), 6),
+        "b_ci": wilson_pct(b.robust()),
+        "paired": paired_pct(a.robust(), b.robust()),
+        "suites": f"{a.suite} / {b.suite}",
+        "runs": list(dict.fromkeys(a.names + b.names)),
+    }
 
 
 def ris_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> list[Finding]:
@@ -489,7 +520,7 @@ def ris_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> list[Fi
     ris = [p for p in deqs if p.random_state]
     base = [p for p in deqs if not p.random_state]
 
-    pair = best_pair([(r, b) for r in ris for b in base if same_arch(r, b) and _same_examples(r, b)])
+    pair = best_pair([s for r in ris for b in base if same_arch(r, b) and (s := on_shared(r, b))])
     specs = [
         ("clean", "greater", "Random-state training raises clean accuracy", "clean"),
         (
@@ -526,7 +557,7 @@ def entropy_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> lis
     out = []
     for model, members in undefended_deqs(pools).items():
         defended = [p for p in pools if p.model == model and p.defense != "none" and p.readout == "final"]
-        pairs = [(d, m) for d in defended for m in members if d.sha == m.sha and _same_examples(d, m)]
+        pairs = [s for d in defended for m in members if d.sha == m.sha and (s := on_shared(d, m))]
         pair = best_pair(pairs)
         rs = any(p.random_state for p in members)
         f = Finding(
@@ -563,7 +594,7 @@ def competitive_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) ->
 
     out = []
     for model, members in undefended_deqs(pools).items():
-        pairs = [(m, c) for m in members for c in cnns if similar_size(m, c) and _same_examples(m, c)]
+        pairs = [s for m in members for c in cnns if similar_size(m, c) and (s := on_shared(m, c))]
         pair = best_pair(pairs)
         f = Finding(
             "competitive",
@@ -748,7 +779,8 @@ def render_markdown(runs: list[Run], figures: dict[str, str] | None = None) -> s
         "",
         "Every pair of runs on the same examples that differ in one factor (the defense or the readout "
         "on one checkpoint; random-state training on one architecture and recipe), All vs All; the "
-        "findings above use the largest of each.",
+        "findings above use the largest of each. A smaller run enters on the examples it shares with a "
+        "larger one of the same suite (outcomes are per example).",
         "",
         "| Differs in | Shared | A | B | A All | B All | A − B [95% CI] | A only / B only | McNemar p | n "
         "| Suites | Runs |",
