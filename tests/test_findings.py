@@ -227,6 +227,7 @@ def test_a_smaller_run_pairs_on_the_examples_it_shares_only_under_the_same_suite
     )
     assert (entropy["paired"]["only_a"], entropy["paired"]["only_b"]) == (6, 0)
     assert entropy["runs"] == ["deq-defended.json", "deq.json"]
+    assert entropy["note"].endswith("; on the 15 examples both runs hold")
     (pair,) = pairs
     assert (pair["paired"]["n"], pair["paired"]["only_a"], pair["suites"]) == (half, 6, "lite / lite")
 

@@ -80,6 +80,7 @@ class Pool:
     runs: list[Run]
     readout: str
     out: Outcomes
+    cut: bool = False  # restricted to the examples another pool shares (`on`)
 
     @property
     def first(self) -> Run:
@@ -103,7 +104,8 @@ class Pool:
 
     def on(self, index: pd.Index) -> Pool:
         """This pool restricted to some of its examples (outcomes are per example, so a subset is exact)."""
-        return Pool(self.runs, self.readout, Outcomes(self.out.clean.loc[index], self.out.broken.loc[index]))
+        out = Outcomes(self.out.clean.loc[index], self.out.broken.loc[index])
+        return Pool(self.runs, self.readout, out, cut=len(index) < self.n)
 
     @property
     def n(self) -> int:
@@ -176,6 +178,11 @@ def on_shared(a: Pool, b: Pool) -> tuple[Pool, Pool] | None:
     ia, ib = a.out.clean.index, b.out.clean.index
     shared = ia[ia.isin(ib)]
     return (a.on(shared), b.on(shared)) if len(shared) else None
+
+
+def shared_note(a: Pool, b: Pool) -> str:
+    """'; on the n examples both runs hold' when a pair was cut down to them, else ''."""
+    return f"; on the {a.n} examples both runs hold" if a.cut or b.cut else ""
 
 
 def best_pair(pairs: list[tuple[Pool, Pool]]) -> tuple[Pool, Pool] | None:
@@ -433,6 +440,7 @@ def readout_findings(pools: list[Pool], key: str, readouts: tuple[str, ...], cla
             o, m = pair
             f.a, f.b, f.a_label = o.robust(), m.robust(), f"{o.readout} All"
             f.runs = list(dict.fromkeys(o.names + m.names))
+            f.note = shared_note(o, m).removeprefix("; ")
         out.append(f)
     return out
 
@@ -548,6 +556,7 @@ def ris_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> list[Fi
             f.a, f.b = (r.out.clean, b.out.clean) if metric == "clean" else (r.robust(), b.robust())
             f.runs = list(dict.fromkeys(r.names + b.names))
             f.note = f"suites {r.suite} / {b.suite}" if r.suite != b.suite else f"suite {r.suite}"
+            f.note += shared_note(r, b)
         out.append(f)
     return out
 
@@ -577,7 +586,7 @@ def entropy_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> lis
                 f"suites {d.suite} / {m.suite}: the attacks differ, compare with care"
                 if d.suite != m.suite
                 else f"suite {d.suite}; the defended side's All includes transfer, BPDA and adaptive attacks"
-            )
+            ) + shared_note(d, m)
         else:
             f.note = "needs a run with --defense entropy-reduction on the same examples"
         out.append(f)
@@ -610,7 +619,9 @@ def competitive_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) ->
             m, c = pair
             f.a, f.b, f.b_label = m.robust(), c.robust(), c.model
             f.runs = list(dict.fromkeys(m.names + c.names))
-            f.note = f"parameters {m.facts.get('parameters')} vs {c.facts.get('parameters')}"
+            f.note = f"parameters {m.facts.get('parameters')} vs {c.facts.get('parameters')}" + shared_note(
+                m, c
+            )
         out.append(f)
     return out
 
