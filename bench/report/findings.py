@@ -5,7 +5,8 @@ Every comparison is paired: both sides are per-example results on the same examp
 the claim is about one model, the same checkpoint sha256), so McNemar's exact test applies and only the
 discordant examples carry evidence. Two runs of different sizes and the same suite are compared on the
 examples both hold (a defended run on the first 200 images beside an undefended one on the first 1000):
-an example's outcome does not depend on which other examples its run held. Numbers are recomputed from
+under the default per-example batching an example's outcome does not depend on which other examples its
+run held, and either way the pair stays on identical examples. Numbers are recomputed from
 per-example columns (bench.report.leaderboard's Outcomes), never read from a record's summary. Verdicts:
 
     reproduced               the claimed direction with p < ALPHA (or, for "not worse" claims, the 95 %
@@ -98,10 +99,6 @@ class Pool:
     def sha(self) -> str | None:
         return self.first.spec.get("checkpoint_sha256")
 
-    @property
-    def index(self) -> tuple[int, ...]:
-        return tuple(int(i) for i in self.out.clean.index)
-
     def on(self, index: pd.Index) -> Pool:
         """This pool restricted to some of its examples (outcomes are per example, so a subset is exact)."""
         out = Outcomes(self.out.clean.loc[index], self.out.broken.loc[index])
@@ -171,18 +168,19 @@ def on_shared(a: Pool, b: Pool) -> tuple[Pool, Pool] | None:
     """
     if a.first.dataset != b.first.dataset or not math.isclose(a.first.eps, b.first.eps, rel_tol=1e-9):
         return None
-    if a.index == b.index:
+    ia, ib = a.out.clean.index, b.out.clean.index
+    if ia.equals(ib):
         return a, b
     if a.suite != b.suite:
         return None
-    ia, ib = a.out.clean.index, b.out.clean.index
     shared = ia[ia.isin(ib)]
     return (a.on(shared), b.on(shared)) if len(shared) else None
 
 
-def shared_note(a: Pool, b: Pool) -> str:
-    """'; on the n examples both runs hold' when a pair was cut down to them, else ''."""
-    return f"; on the {a.n} examples both runs hold" if a.cut or b.cut else ""
+def shared_note(a: Pool, b: Pool, *before: str) -> str:
+    """`before` joined by '; ', then 'on the n examples both runs hold' when the pair was cut to them."""
+    cut = f"on the {a.n} examples both runs hold" if a.cut or b.cut else ""
+    return "; ".join(part for part in (*before, cut) if part)
 
 
 def best_pair(pairs: list[tuple[Pool, Pool]]) -> tuple[Pool, Pool] | None:
@@ -440,7 +438,7 @@ def readout_findings(pools: list[Pool], key: str, readouts: tuple[str, ...], cla
             o, m = pair
             f.a, f.b, f.a_label = o.robust(), m.robust(), f"{o.readout} All"
             f.runs = list(dict.fromkeys(o.names + m.names))
-            f.note = shared_note(o, m).removeprefix("; ")
+            f.note = shared_note(o, m)
         out.append(f)
     return out
 
@@ -480,8 +478,8 @@ def all_pairs(pools: list[Pool]) -> list[dict[str, Any]]:
             shared = None if kind is None else on_shared(a, b)
             if kind is None or shared is None:
                 continue
-            row = _pair_row(kind, *shared)
-            (rows if a.index == b.index else partial).append(row)
+            cut = shared[0].cut or shared[1].cut
+            (partial if cut else rows).append(_pair_row(kind, *shared))
 
     def key(r: dict[str, Any]) -> tuple[str, ...]:
         return (r["kind"], r["shared"], r["a"], r["b"], r["suites"])
@@ -555,8 +553,8 @@ def ris_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> list[Fi
             f.a_label, f.b_label = r.model, b.model
             f.a, f.b = (r.out.clean, b.out.clean) if metric == "clean" else (r.robust(), b.robust())
             f.runs = list(dict.fromkeys(r.names + b.names))
-            f.note = f"suites {r.suite} / {b.suite}" if r.suite != b.suite else f"suite {r.suite}"
-            f.note += shared_note(r, b)
+            suites = f"suites {r.suite} / {b.suite}" if r.suite != b.suite else f"suite {r.suite}"
+            f.note = shared_note(r, b, suites)
         out.append(f)
     return out
 
@@ -582,11 +580,12 @@ def entropy_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) -> lis
             d, m = pair
             f.a, f.b = d.robust(), m.robust()
             f.runs = list(dict.fromkeys(d.names + m.names))
-            f.note = (
+            suites = (
                 f"suites {d.suite} / {m.suite}: the attacks differ, compare with care"
                 if d.suite != m.suite
                 else f"suite {d.suite}; the defended side's All includes transfer, BPDA and adaptive attacks"
-            ) + shared_note(d, m)
+            )
+            f.note = shared_note(d, m, suites)
         else:
             f.note = "needs a run with --defense entropy-reduction on the same examples"
         out.append(f)
@@ -619,8 +618,8 @@ def competitive_findings(pools: list[Pool], roles: dict[str, dict[str, Any]]) ->
             m, c = pair
             f.a, f.b, f.b_label = m.robust(), c.robust(), c.model
             f.runs = list(dict.fromkeys(m.names + c.names))
-            f.note = f"parameters {m.facts.get('parameters')} vs {c.facts.get('parameters')}" + shared_note(
-                m, c
+            f.note = shared_note(
+                m, c, f"parameters {m.facts.get('parameters')} vs {c.facts.get('parameters')}"
             )
         out.append(f)
     return out
