@@ -62,6 +62,16 @@ def main() -> None:
     def cumulative(file: str, function: str) -> float:
         return sum(v[3] for k, v in stats.items() if k[0].endswith(file) and k[2] == function)
 
+    # The shares are found by function name: a renamed one would silently read 0%, so stop instead.
+    named = [("models/mdeq.py", "f"), ("bench/deq/solvers.py", "_iterate")]
+    missing = [
+        f"{file}:{fn}" for file, fn in named if not any(k[0].endswith(file) and k[2] == fn for k in stats)
+    ]
+    if not any("run_backward" in k[2] for k in stats) and not args.attack.startswith("square"):
+        missing.append("autograd run_backward")
+    if missing:
+        sys.exit(f"attack_shares: never called (renamed?): {', '.join(missing)}; update this benchmark")
+
     f_forward = cumulative("models/mdeq.py", "f")
     solver = cumulative("bench/deq/solvers.py", "_iterate") - cumulative("bench/deq/solvers.py", "__call__")
     backward = sum(v[2] for k, v in stats.items() if "run_backward" in k[2])
