@@ -59,14 +59,15 @@ def main() -> None:
     total = time.perf_counter() - begin
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
 
+    def keys(file: str, function: str) -> list[tuple[str, int, str]]:
+        return [k for k in stats if k[0].endswith(file) and k[2] == function]
+
     def cumulative(file: str, function: str) -> float:
-        return sum(v[3] for k, v in stats.items() if k[0].endswith(file) and k[2] == function)
+        return sum(stats[k][3] for k in keys(file, function))
 
     # The shares are found by function name: a renamed one would silently read 0%, so stop instead.
     named = [("models/mdeq.py", "f"), ("bench/deq/solvers.py", "_iterate")]
-    missing = [
-        f"{file}:{fn}" for file, fn in named if not any(k[0].endswith(file) and k[2] == fn for k in stats)
-    ]
+    missing = [f"{file}:{fn}" for file, fn in named if not keys(file, fn)]
     if not any("run_backward" in k[2] for k in stats) and not args.attack.startswith("square"):
         missing.append("autograd run_backward")
     if missing:
