@@ -4,8 +4,9 @@
 # dev set's early state and the state ensemble; the DEQs also with input entropy reduction on the first 200
 # images, final readout only (stated as n = 200 in the records and tables). The defended forward costs ~10x
 # an undefended one and every gradient attack runs in three modes (transfer, BPDA, adaptive) per estimator:
-# one batch of 50 took ~40 min of one core per readout (deq-tiny), so the three DEQs cost ~8 core-hours
-# with the final readout and ~24 with three. The defense finding compares final readouts (same checkpoint,
+# one defended batch of 50 took 40 to 65 min of one core per readout (measured: deq-tiny ~40, deq-tiny-exact
+# ~55, deq-tiny-ris ~65), so the three DEQs' defended runs cost ~11 core-hours with the final readout and
+# ~32 with three. The defense finding compares final readouts (same checkpoint,
 # same images).
 # One thread, niced: it shares the machine. Runs resume from their last finished batch, so the script can
 # be killed and re-run; across sessions, commit results/.partial/<run_id>/ (it is tracked, only the lock
